@@ -1,0 +1,34 @@
+"""Analyses page: the paper's figures from stored runs — activity level (Fig. 3), k (Fig. 4), PEFT type,
+behaviour shift and history format — each downloadable, each with a shortcut that submits its sweep when missing."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import widgets
+
+st.title("Analyses")
+where = widgets.paths()
+tasks = widgets.available_tasks(where.data)
+if not tasks:
+    widgets.no_data_message(where.data)
+    st.stop()
+
+task = widgets.task_picker(tasks, key="analyses-task")
+metric, lower = widgets.score_name(task)
+st.caption(f"Every figure scores each stored answer of {task} by {metric} and averages over the runs of the task.")
+tabs = st.tabs([a.title for a in widgets.ANALYSES])
+for tab, analysis in zip(tabs, widgets.ANALYSES):
+    with tab, widgets.friendly(f"show {analysis.title.lower()}"):
+        st.caption(analysis.question)
+        frame = widgets.analysis_frame(analysis, task)
+        if frame.empty:
+            st.info(f"No {analysis.title.lower()} results for {task} yet. The shortcut below submits the sweep "
+                    f"as background jobs (`oppu sweep --kind {analysis.sweep} --task {task}` does the same).")
+            if st.button("Run this analysis", key=f"run-{analysis.sweep}", icon=":material/play_arrow:"):
+                job_ids = widgets.submit_sweep(analysis.sweep, task)
+                st.success(f"Submitted {len(job_ids)} job(s): {', '.join(job_ids)}. Follow them on **Train**.")
+            continue
+        fig = analysis.chart(frame, metric, lower)
+        st.plotly_chart(fig, width="stretch", key=f"chart-{analysis.sweep}")
+        widgets.download_chart(fig, frame, f"{task}-{analysis.sweep}")

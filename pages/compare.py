@@ -1,0 +1,79 @@
+"""Compare page: one user's queries side by side across every stored method — the paper's case study (Fig. 5).
+
+For a task, run and user: input, gold and each method's answer with a correctness mark (or its error / ROUGE-L),
+the items retrieval put in the prompt with their scores, and a filter to the queries where the methods disagree.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts, tables, widgets
+
+MAX_DETAILS = 50  # expanders below the table; the table itself shows every query
+
+st.title("Compare methods, query by query")
+with widgets.friendly("read the stored runs"):
+    runs = widgets.query("latest_runs", 200)
+    if runs.empty:
+        st.info("No runs yet. Submit one on **Train** (or the quick demo on **Overview**); its answers appear here.")
+        st.stop()
+
+    task = widgets.task_picker(list(dict.fromkeys(runs["task"])), key="compare-task")
+    task_runs = runs[(runs["task"] == task) & (runs["predictions"] > 0)]
+    if task_runs.empty:
+        st.info(f"No run of {task} has stored answers yet; a running job adds them user by user.")
+        st.stop()
+    c1, c2 = st.columns(2)
+    with c1:
+        run_id, unknown_run = widgets.pick("Run (newest first)", list(task_runs["run_id"]), key="compare-run",
+                                           url_param="run", format_func=widgets.run_label(task_runs))
+    run_users = widgets.query("run_users", run_id)
+    users = (run_users.groupby("user_id", sort=False)["history_size"].max()
+             .sort_values(ascending=False, kind="stable"))
+    with c2:
+        user_id, unknown_user = widgets.pick(
+            "User (most active first)", [str(u) for u in users.index], key="compare-user", url_param="user",
+            format_func=lambda u: f"{u} · {users.get(u, 0):.0f} history items")
+    for what, value, shown in (("run", unknown_run, run_id), ("user", unknown_user, user_id)):
+        if value is not None:
+            st.warning(f"The link asks for {what} {value!r}, which this store does not have; showing {shown}.")
+
+    preds = widgets.predictions(run_id, task, user_id)
+    name, lower = widgets.score_name(task)
+    summary = widgets.method_summary(preds, task)
+    cols = st.columns(max(len(summary), 1))
+    for col, (method, value, help_text) in zip(cols, summary):
+        col.metric(charts.method_label(method), value, help=help_text)
+    st.caption(f"Per-method mean {name} for user {user_id} ({'lower' if lower else 'higher'} is better).")
+
+    only_disagree = st.toggle("Only queries where the methods disagree", key="compare-disagree")
+    if only_disagree:
+        preds = preds[preds["query_id"].astype(str).isin(widgets.disagreeing(run_id, user_id))]
+    if preds.empty:
+        st.info("The methods agree on every query of this user." if only_disagree
+                else "No stored answers for this user.")
+        st.stop()
+
+    from oppu.tasks import get_task
+
+    st.subheader(f"Side by side · user {user_id}")
+    table = tables.side_by_side(preds, get_task(task).kind, methods_first=charts.METHOD_ORDER)
+    st.dataframe(table, hide_index=True, width="stretch", key="side-by-side",
+                 column_config={"query": st.column_config.TextColumn(width="small"),
+                                "input": st.column_config.TextColumn(width="large"),
+                                "gold": st.column_config.TextColumn(width="small")})
+
+    st.subheader("Inputs and retrieved items")
+    for n, (query_id, rows) in enumerate(preds.groupby("query_id", sort=False)):
+        if n == MAX_DETAILS:
+            st.caption(f"Details of the first {MAX_DETAILS} queries shown; the table above has them all.")
+            break
+        with st.expander(f"Query {query_id} · gold: {rows['gold'].iloc[0]}"):
+            st.text(rows["input"].iloc[0])
+            for _, row in rows.iterrows():
+                if row["retrieved"]:
+                    st.markdown(f"**Retrieved for {charts.method_label(row['method'])}** (k={row['k']}, "
+                                f"{row['retriever']})")
+                    st.dataframe(pd.DataFrame(row["retrieved"]), hide_index=True, width="stretch")
