@@ -1,0 +1,327 @@
+"""Multi-LoRA batching (oppu/multilora.py) against PEFT, the reference it must be interchangeable with.
+
+Each test builds a 2-layer Llama (hidden 32) in code with random NON-zero LoRA weights, so an adapter that
+were ignored, mis-routed, transposed or mis-scaled would change the numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from oppu.multilora import (
+    IGNORE_INDEX,
+    MultiLora,
+    MultiLoraError,
+    TrainExample,
+    generate_ids,
+    generate_multi,
+    linear_schedule,
+    make_batches,
+    train_users_batched,
+)
+
+VOCAB = 96
+USERS = ("ann", "ben", "cat")
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def lora_config(r: int = 8, alpha: int = 8, targets=("q_proj", "v_proj"), dropout: float = 0.0):
+    import peft
+
+    return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                           bias="none", task_type="CAUSAL_LM")
+
+
+def random_lora_state(model, r: int, seed: int, targets=("q_proj", "v_proj")) -> dict[str, torch.Tensor]:
+    """A PEFT-format LoRA state dict with non-zero A and B (B is zero at PEFT init, which would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in targets:
+            state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, module.in_features, generator=gen) * 0.3
+            state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(module.out_features, r, generator=gen) * 0.3
+    return state
+
+
+def peft_with(base, states: dict[str, dict[str, torch.Tensor]], r: int = 8, alpha: int = 8):
+    """A PeftModel on a copy of `base` holding one adapter per user with the given weights."""
+    import peft
+    from peft.utils import set_peft_model_state_dict
+
+    model = None
+    for name, state in states.items():
+        if model is None:
+            model = peft.get_peft_model(copy.deepcopy(base), lora_config(r, alpha), adapter_name=name)
+        else:
+            model.add_adapter(name, lora_config(r, alpha))
+        set_peft_model_state_dict(model, state, adapter_name=name)
+    return model.eval()
+
+
+def multi_with(base, states, r: int = 8, alpha: int = 8, capacity: int = 2) -> MultiLora:
+    ml = MultiLora(copy.deepcopy(base), capacity=capacity, r=r, alpha=alpha)
+    for name, state in states.items():
+        ml.load_state_dict(name, state, alpha=alpha, r=r)
+    return ml
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def states(base):
+    return {u: random_lora_state(base, 8, seed=i + 1) for i, u in enumerate(USERS)}
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (int(torch.randint(3, 12, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(n)]
+
+
+# -- forward -------------------------------------------------------------------------------------------------
+def test_mixed_batch_forward_matches_each_users_peft_forward(base, states):
+    peft_model = peft_with(base, states)
+    ml = multi_with(base, states)  # capacity 2 < 3 users: slots grow on demand
+    ids = torch.randint(3, VOCAB, (4, 7))
+    adapters = ["ben", None, "ann", "cat"]
+    with torch.no_grad(), ml.route(adapters):
+        mixed = ml.model(input_ids=ids).logits
+    with torch.no_grad():
+        for i, name in enumerate(adapters):
+            if name is None:
+                with peft_model.disable_adapter():
+                    ref = peft_model(input_ids=ids[i:i + 1]).logits
+            else:
+                peft_model.set_adapter(name)
+                ref = peft_model(input_ids=ids[i:i + 1]).logits
+            torch.testing.assert_close(mixed[i:i + 1], ref, rtol=1e-5, atol=1e-5)
+    plain = base(input_ids=ids).logits.detach()
+    assert not torch.allclose(mixed[0], plain[0], atol=1e-3), "the adapter had no effect: weights not applied"
+
+
+def test_route_guards_misuse(base, states):
+    ml = multi_with(base, states)
+    with pytest.raises(MultiLoraError, match="no adapter named 'zed'"):
+        with ml.route(["zed"]):
+            pass
+    with pytest.raises(MultiLoraError, match="route was set for 1"):
+        with torch.no_grad(), ml.route(["ann"]):
+            ml.model(input_ids=torch.randint(3, VOCAB, (2, 4)))
+    with pytest.raises(MultiLoraError, match="rank 16"):
+        ml.load_state_dict("big", random_lora_state(base, 16, seed=9), alpha=8, r=16)
+
+
+# -- PEFT interchange ----------------------------------------------------------------------------------------
+def test_export_loads_in_peft_and_peft_folder_loads_here(base, states, tmp_path):
+    import peft
+
+    ml = multi_with(base, states)
+    ml.save("ben", tmp_path / "ben")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ben")).eval()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad(), ml.route(["ben", "ben"]):
+        ours = ml.model(input_ids=ids).logits
+    torch.testing.assert_close(ours, loaded(input_ids=ids).logits.detach(), rtol=1e-5, atol=1e-5)
+
+    # and back: a folder written by PEFT itself (rank 4, alpha 16: zero-padded into rank-8 slots)
+    small = peft_with(base, {"dee": random_lora_state(base, 4, seed=7)}, r=4, alpha=16)
+    small.save_pretrained(str(tmp_path / "peft"), selected_adapters=["dee"])
+    folder = next(p.parent for p in (tmp_path / "peft").rglob("adapter_config.json"))
+    ml.load("dee", folder)
+    with torch.no_grad(), ml.route(["dee", "ann"]):
+        ours = ml.model(input_ids=ids).logits
+    torch.testing.assert_close(ours[:1], small(input_ids=ids[:1]).logits.detach(), rtol=1e-5, atol=1e-5)
+    assert ml.alpha_of("dee") == pytest.approx(16 / 4 * 8)  # scale alpha/r = 4 kept in an r=8 slot
+
+
+def test_remove_frees_the_slot_and_zeroes_it(base, states):
+    ml = multi_with(base, states, capacity=4)
+    slot = ml.slot("ann")
+    ml.remove("ann")
+    assert "ann" not in ml and all(float(layer.lora_A[slot].detach().abs().sum()) == 0 for layer in ml.layers.values())
+    assert ml.add("new", seed=3) == slot
+
+
+# -- generation -----------------------------------------------------------------------------------------------
+def peft_greedy(peft_model, ids: list[int], adapter: str | None, max_new: int, eos: list[int]) -> list[int]:
+    """Per-user reference: one prompt, no padding, PEFT's own generate."""
+    inp = torch.tensor([ids])
+    kwargs = dict(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new, do_sample=False,
+                  eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        if adapter is None:
+            with peft_model.disable_adapter():
+                out = peft_model.generate(**kwargs)
+        else:
+            peft_model.set_adapter(adapter)
+            out = peft_model.generate(**kwargs)
+    new = out[0, inp.shape[1]:].tolist()
+    cut = [t for t in new[:next((i for i, t in enumerate(new) if t in eos), len(new))]]
+    return cut
+
+
+def test_generation_equals_per_user_peft_token_for_token(base, states):
+    peft_model = peft_with(base, states)
+    ml = multi_with(base, states)
+    rows = prompts(7)
+    adapters = ["ann", "ben", "cat", None, "ann", "cat", "ben"]
+    max_new = 12
+    # Pick end tokens the references actually emit mid-answer, so per-row early stop is exercised.
+    free = [peft_greedy(peft_model, r, a, max_new, [VOCAB + 5]) for r, a in zip(rows, adapters, strict=True)]
+    eos = sorted({free[0][3], free[2][5]})
+    expected = [peft_greedy(peft_model, r, a, max_new, eos) for r, a in zip(rows, adapters, strict=True)]
+    assert any(len(e) < max_new for e in expected) and any(len(e) == max_new for e in expected)
+    got = generate_ids(ml, rows, adapters, max_new, eos, pad_id=0, batch_size=4)
+    assert got == expected
+    assert len({tuple(e) for e in expected}) > 1  # different users really answered differently
+
+
+def test_generate_multi_matches_project_generate_with_peft_pool(tiny_model):
+    """The string-level drop-in: same chat wrapping, end tokens and decoding as oppu.generate."""
+    from oppu.config import GenerationConfig, PeftConfig
+    from oppu.generate import generate
+    from oppu.model import AdapterPool
+
+    model, tokenizer = tiny_model
+    cfg = PeftConfig(dropout=0.0)
+    ml_model = copy.deepcopy(model)
+    pool = AdapterPool(model)
+    ml = MultiLora.from_peft_config(ml_model, cfg, capacity=2)
+    from peft.utils import set_peft_model_state_dict
+
+    names = []
+    for i, user in enumerate(("u1", "u2")):
+        name = pool.add(user, cfg)
+        state = random_lora_state(ml_model, cfg.r, seed=20 + i)
+        set_peft_model_state_dict(pool.model, state, adapter_name=name)
+        ml.load_state_dict(name, state, alpha=cfg.alpha, r=cfg.r)
+        names.append(name)
+    texts = ["space ship love", "dragon war night river film", "old hero", "laugh city"]
+    adapters = [names[0], names[1], None, names[1]]
+    expected = generate(pool, tokenizer, texts, adapters, GenerationConfig(), max_new_tokens=10)
+    assert generate_multi(ml, tokenizer, texts, adapters, max_new_tokens=10) == expected
+
+
+# -- training -------------------------------------------------------------------------------------------------
+def examples(seed: int, n: int) -> list[TrainExample]:
+    """Prompt tokens carry no loss; the last 1-3 tokens are the answer."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(5, 14, (1,), generator=gen))
+        ids = torch.randint(3, VOCAB, (length,), generator=gen).tolist()
+        answer = int(torch.randint(1, 4, (1,), generator=gen))
+        out.append(TrainExample(tuple(ids), tuple([IGNORE_INDEX] * (length - answer) + ids[-answer:])))
+    return out
+
+
+def user_batches(seed: int, n: int, batch_size: int = 3, epochs: int = 2):
+    data = examples(seed, n)
+    return [[data[i] for i in batch] for batch in make_batches(n, batch_size, epochs, seed)]
+
+
+def peft_train_alone(base, init_state, batches, lr, wd, warmup_ratio, max_norm):
+    """The per-user reference: PEFT LoRA, HF loss on padded batches, torch AdamW, clip, linear schedule."""
+    import math
+
+    peft_model = peft_with(base, {"u": init_state})
+    params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    for n, p in peft_model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    total, warmup = len(batches), math.ceil(warmup_ratio * len(batches))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, warmup))
+    peft_model.train()
+    for batch in batches:
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.tensor([list(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
+        labels = torch.tensor([list(e.labels) + [IGNORE_INDEX] * (width - len(e.labels)) for e in batch])
+        mask = (torch.arange(width)[None] < torch.tensor([len(e.input_ids) for e in batch])[:, None]).long()
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach() for k, v in get_peft_model_state_dict(peft_model, adapter_name="u").items()}
+
+
+def test_batched_training_equals_training_each_user_alone(base, states):
+    # Different numbers of batches per user, and cat joins three steps late (empty batches = sits out), so
+    # users drop out of and into steps: per-user step counts and schedules must still match training alone.
+    per_user = {"ann": user_batches(1, 7), "ben": user_batches(2, 3), "cat": [[], [], []] + user_batches(3, 5)}
+    assert len({len(b) for b in per_user.values()}) == 3
+    hp = dict(lr=5e-2, wd=0.01, warmup_ratio=0.25, max_norm=0.5)  # large lr: differences would show
+    ml = multi_with(base, states, capacity=4)
+    ml.add("idle", seed=5)  # a slot that must not move
+    idle_before = ml.state_dict("idle")
+    history = train_users_batched(ml, per_user, lr=hp["lr"], weight_decay=hp["wd"], warmup_ratio=hp["warmup_ratio"],
+                                  max_grad_norm=hp["max_norm"], tokens_per_forward=24)  # several chunks per step
+    for user, batches in per_user.items():
+        batches = [b for b in batches if b]
+        alone = peft_train_alone(base, states[user], batches, hp["lr"], hp["wd"], hp["warmup_ratio"], hp["max_norm"])
+        ours = ml.state_dict(user)
+        assert set(ours) == set(alone)
+        for key in alone:
+            torch.testing.assert_close(ours[key], alone[key], rtol=1e-4, atol=1e-5, msg=f"{user} {key}")
+            assert not torch.equal(ours[key], states[user][key]), "the adapter did not train"
+        assert len(history[user]) == len(batches)
+    for key, value in idle_before.items():
+        assert torch.equal(ml.state_dict("idle")[key], value), "a user with no batches was updated"
+
+
+def test_no_gradient_reaches_another_users_slice(base, states):
+    ml = multi_with(base, states, capacity=4)
+    batch = examples(4, 3)
+    ml.model.train()
+    for p in ml.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    from oppu.multilora import _step_loss
+
+    _step_loss(ml, batch, [ml.slot("ben")] * 3, torch.full((3,), 1 / 3), pad_id=0)
+    ann, ben = ml.slot("ann"), ml.slot("ben")
+    for p in ml.parameters():
+        assert float(p.grad[ann].abs().max()) == 0.0
+        assert float(p.grad[ben].abs().max()) > 0.0
+
+
+def test_perturbing_another_users_data_leaves_my_adapter_unchanged(base, states):
+    ann_batches = user_batches(1, 6)
+
+    def train(ben_seed: int):
+        ml = multi_with(base, states, capacity=4)
+        train_users_batched(ml, {"ann": ann_batches, "ben": user_batches(ben_seed, 6)}, lr=5e-2,
+                            max_grad_norm=1.0, tokens_per_forward=10_000)
+        return ml.state_dict("ann"), ml.state_dict("ben")
+
+    ann_a, ben_a = train(2)
+    ann_b, ben_b = train(99)
+    assert any(not torch.allclose(ben_a[k], ben_b[k]) for k in ben_a), "ben's data change had no effect on ben"
+    for key in ann_a:
+        torch.testing.assert_close(ann_a[key], ann_b[key], rtol=0, atol=1e-6)
+
+
+def test_training_without_answer_tokens_is_refused(base, states):
+    ml = multi_with(base, states)
+    bad = TrainExample((5, 6, 7), (IGNORE_INDEX,) * 3)
+    with pytest.raises(MultiLoraError, match="no answer tokens"):
+        train_users_batched(ml, {"ann": [[bad]]}, lr=1e-3)
