@@ -1,0 +1,47 @@
+"""Safe path building from hostile ids (user ids, task ids, run keys come from data files and the dashboard).
+
+`safe_component` turns any string into one harmless path component; `within` refuses a path that escapes its root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_HASH_TAIL = re.compile(r"-[0-9a-f]{8}$")
+MAX_COMPONENT = 80
+"""Longest kept part of an id; longer ids are cut and marked by their hash (file systems cap names at 255)."""
+
+
+def safe_component(value: object) -> str:
+    """A single path component for `value`: [A-Za-z0-9._-] kept, anything else replaced by `_`.
+
+    When anything was changed (or cut), an 8-hex sha256 of the original is appended so that distinct ids never
+    collide ("a/b" and "a_b" differ; an id that itself ends in "-<8 hex>" is hashed too). Never empty, never "." or "..", never starts with "." (hidden files).
+    """
+    text = str(value)
+    cleaned = _UNSAFE.sub("_", text)[:MAX_COMPONENT]
+    if cleaned.startswith("."):
+        cleaned = "_" + cleaned[1:]
+    # An id that already ends like an encoded one ("x-1a2b3c4d") is encoded too, so it cannot collide with one.
+    if cleaned == text and cleaned and not _HASH_TAIL.search(text):
+        return cleaned
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{cleaned}-{digest}" if cleaned else f"id-{digest}"
+
+
+def within(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """`path` resolved, after checking that it stays inside `root` (symlinks followed); ValueError otherwise."""
+    base = Path(root).resolve()
+    target = (base / path).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"path {str(path)!r} escapes {str(base)!r}: refusing to read or write outside it")
+    return target
+
+
+def user_adapter_dir(root: str | os.PathLike[str], task: str, run_key: str, user_id: str) -> Path:
+    """Folder of one user's personal adapter: root/<task>/<run key>/<user>, each part made safe."""
+    return within(root, Path(safe_component(task)) / safe_component(run_key) / safe_component(user_id))
