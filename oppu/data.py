@@ -703,3 +703,51 @@ def _validate_file(path: Path, task: Task) -> list[Problem]:
     if isinstance(sample, dict) and "user_id" in sample:
         return list(read_users(path, task)[2])
     return list(read_lamp(task, path)[1])
+
+
+# -- downloading the official files --------------------------------------------------------------------------
+
+LAMP_BASE_URL = "https://ciir.cs.umass.edu/downloads/LaMP/"
+# Where each task lives in the official download tree: movie tagging is the re-released LaMP_2 under `new/`,
+# news categorisation the original LaMP_2.
+_LAMP_FOLDERS = {"LaMP_1": "LaMP_1/", "LaMP_2N": "LaMP_2/", "LaMP_2M": "LaMP_2/new/", "LaMP_3": "LaMP_3/",
+                 "LaMP_4": "LaMP_4/", "LaMP_5": "LaMP_5/", "LaMP_7": "LaMP_7/"}
+LAMP_SPLITS = ("train", "dev")
+
+
+def lamp_urls(task: Task | str, base_url: str = LAMP_BASE_URL) -> dict[str, str]:
+    """File name -> official URL of a task's labelled splits (`train_questions.json`, `dev_outputs.json`, ...)."""
+    task = task if isinstance(task, Task) else get_task(task)
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    return {f"{split}_{kind}.json": f"{base}{_LAMP_FOLDERS[task.id]}{split}/{split}_{kind}.json"
+            for split in LAMP_SPLITS for kind in ("questions", "outputs")}
+
+
+def download_lamp(task: Task | str, out_dir: str | os.PathLike[str], base_url: str = LAMP_BASE_URL,
+                  timeout: float = 60.0) -> list[Path]:
+    """Download a task's official train/dev files into `out_dir/<task id>/`; DataError when unreachable."""
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    task = task if isinstance(task, Task) else get_task(task)
+    folder = Path(out_dir) / task.id
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, url in lamp_urls(task, base_url).items():
+        target = folder / name
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                shutil.copyfileobj(response, out, length=1 << 20)
+            os.replace(tmp, target)
+        except urllib.error.HTTPError as exc:
+            raise DataError(f"{url}: HTTP {exc.code} {exc.reason}; check --base-url and the task id") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise DataError(f"{url}: cannot download ({reason}); check the internet connection, or download the "
+                            f"files by hand into {folder}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        written.append(target)
+    return written
