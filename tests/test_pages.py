@@ -1,0 +1,310 @@
+"""Every dashboard page rendered with Streamlit's AppTest: with an empty store, with a populated one, and driven
+through its main interactions (Train form, Compare filters, Adapters delete, bad URL parameters).
+
+AppTest runs one page script per run, so each page file is tested directly and `dashboard/app.py` (the
+navigation) separately. The app reads its folders from OPPU_* environment variables, pointed at tmp folders here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ("overview", "data_explorer", "train", "compare", "analyses", "adapters")
+METHODS = ("none", "rag", "oppu", "oppu+rag")
+RUN_ID = "run-test-0001"
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch, tiny_data_dir):
+    """The dashboard's four folders in tmp; data is the tiny LaMP_2M fixture."""
+    folders = {"OPPU_DATA": tiny_data_dir, "OPPU_DB": tmp_path / "oppu.duckdb", "OPPU_JOBS": tmp_path / "jobs",
+               "OPPU_ARTIFACTS": tmp_path / "artifacts"}
+    for name, value in folders.items():
+        monkeypatch.setenv(name, str(value))
+    return folders
+
+
+def answer(method: str, gold: str, j: int) -> str:
+    """A deterministic answer per method: OPPU always right, RAG right on every other query, `none` never."""
+    if method.startswith("oppu") or (method == "rag" and j % 2 == 0):
+        return gold
+    return "dystopia"
+
+
+def populate(db: Path, task_data, run_id: str = RUN_ID, k: int = 1, peft: str = "lora",
+             history_format: str = "full", cutoff: str | None = None) -> None:
+    """One finished run over the tiny data's test users, written through the Store API."""
+    from oppu.store import Store
+
+    store = Store(db)
+    config = {"task": "LaMP_2M", "methods": list(METHODS), "retrieval": {"k": k, "retriever": "bm25"},
+              "user_peft": {"kind": peft}, "history_format": history_format, "history_cutoff": cutoff}
+    store.create_run(run_id, config, task="LaMP_2M", model="tiny", data_fingerprint="f", code_version="test",
+                     tag="test")
+    rows = []
+    for user in task_data.test_users:
+        for j, q in enumerate(user.queries):
+            for method in METHODS:
+                output = answer(method, q.gold, j)
+                uses_rag = "rag" in method
+                rows.append({"run_id": run_id, "task": "LaMP_2M", "user_id": user.id, "query_id": q.id,
+                             "method": method, "k": k if uses_rag else 0, "peft": peft, "retriever": "bm25",
+                             "prompt": f"prompt of {q.id}", "raw_output": output, "output": output,
+                             "gold": q.gold, "retrieved_ids": [user.history[0].id] if uses_rag else [],
+                             "retrieved_scores": [1.5] if uses_rag else [], "history_size": len(user.history),
+                             "correct": float(output == q.gold)})
+        store.add_train_curve(run_id, user.id, "user", [(1, 2.0), (2, 1.2)])
+    store.add_predictions(rows)
+    store.finish_run(run_id, {m: {"accuracy": 0.5, "f1": 0.4} for m in METHODS})
+
+
+def page(name: str, **query_params) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "pages" / f"{name}.py"), default_timeout=60)
+    at.query_params.update(query_params)
+    return at.run()
+
+
+def texts(at: AppTest) -> str:
+    """Every visible text of a rendered page, for content assertions."""
+    parts = [e.value for kind in ("title", "subheader", "markdown", "caption", "info", "warning", "error",
+                                  "success") for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def plotly_charts(at: AppTest) -> list:
+    """The page's plotly figures as Figures."""
+    import plotly.io
+
+    return [plotly.io.from_json(e.proto.spec) for e in at.get("plotly_chart")]
+
+
+def values(array) -> list:
+    """A plotly data array as a list; plotly ships numeric arrays base64-encoded ({"bdata", "dtype"})."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(array, dict) and "bdata" in array:
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
+
+
+# -- empty store ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_every_page_renders_with_an_empty_store(env, name):
+    at = page(name)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert at.title, f"{name} shows no title"
+    assert not Path(env["OPPU_DB"]).exists(), "an empty dashboard must not create the results store"
+
+
+def test_empty_store_says_what_to_do(env):
+    assert "No runs yet" in texts(page("overview"))
+    assert "No runs yet" in texts(page("compare"))
+    assert "No personal adapters" in texts(page("adapters"))
+    assert "No jobs yet" in texts(page("train"))
+    analyses = page("analyses")
+    assert "No activity level results" in texts(analyses)
+    assert [b.label for b in analyses.button].count("Run this analysis") == 5
+
+
+def test_missing_data_folder_is_a_warning_not_a_traceback(env, monkeypatch, tmp_path):
+    monkeypatch.setenv("OPPU_DATA", str(tmp_path / "nothing-here"))
+    for name in ("data_explorer", "train", "analyses"):
+        at = page(name)
+        assert not at.exception
+        assert "No LaMP task folders found" in at.warning[0].value
+
+
+# -- populated store --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def populated(env, tiny_task_data):
+    populate(Path(env["OPPU_DB"]), tiny_task_data)
+    return env
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_every_page_renders_with_a_populated_store(populated, name):
+    at = page(name)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_overview_lists_the_run_and_its_metrics(populated, tiny_task_data):
+    at = page("overview")
+    runs = at.dataframe[0].value
+    assert list(runs["run_id"]) == [RUN_ID]
+    n_predictions = sum(len(u.queries) for u in tiny_task_data.test_users) * len(METHODS)
+    assert at.metric[1].value == "1" and at.metric[2].value == str(n_predictions)
+    chart = plotly_charts(at)[0]
+    assert {t.name for t in chart.data} == {"OPPU", "OPPU + RAG", "RAG (retrieval only)", "Non-personalized"}
+
+
+def test_compare_shows_methods_side_by_side_and_filters_to_disagreements(populated, tiny_task_data):
+    at = page("compare", user="alice")
+    table = at.dataframe[0].value
+    alice = tiny_task_data.user("alice")
+    assert list(table.columns[:5]) == ["query", "input", "gold", "OPPU", "RAG (retrieval only)"]
+    assert list(table["query"]) == [q.id for q in alice.queries]
+    assert list(table["input"]) == [q.input for q in alice.queries]  # the query text, not the prompt
+    assert all(cell.startswith("✅") for cell in table["OPPU"])
+    assert all(cell.startswith("❌") for cell in table["Non-personalized"])
+    # retrieved items carry their text from the user's history and their score
+    retrieved = at.dataframe[1].value
+    assert retrieved.iloc[0]["id"] == alice.history[0].id and retrieved.iloc[0]["score"] == 1.5
+    assert alice.history[0].fields["description"] in retrieved.iloc[0]["item"]
+
+    at.toggle(key="compare-disagree").set_value(True).run()
+    # every query disagrees (`none` is always wrong, OPPU always right), so nothing is filtered away
+    assert len(at.dataframe[0].value) == len(alice.queries)
+
+
+def test_compare_disagreement_filter_drops_agreeing_queries(env, tiny_task_data):
+    from oppu.store import Store
+
+    populate(Path(env["OPPU_DB"]), tiny_task_data)
+    store = Store(env["OPPU_DB"])
+    carol = tiny_task_data.user("carol")
+    agree = [{"run_id": RUN_ID, "task": "LaMP_2M", "user_id": "carol", "query_id": carol.queries[0].id,
+              "method": m, "k": 0, "peft": "lora", "retriever": "bm25", "prompt": "p", "raw_output": "comedy",
+              "output": "comedy", "gold": carol.queries[0].gold, "retrieved_ids": [], "retrieved_scores": [],
+              "history_size": 4, "correct": 1.0} for m in METHODS]
+    store.add_predictions(agree)
+    at = page("compare", user="carol")
+    at.toggle(key="compare-disagree").set_value(True).run()
+    assert "agree on every query" in texts(at)
+
+
+def test_unknown_user_and_run_in_the_url_are_explained(populated):
+    at = page("compare", user="mallory", run="no-such-run")
+    warnings = " ".join(w.value for w in at.warning)
+    assert "'mallory'" in warnings and "'no-such-run'" in warnings
+    assert not at.exception and at.dataframe  # still shows a real user
+    explorer = page("data_explorer", user="mallory")
+    assert "'mallory'" in explorer.warning[0].value and not explorer.exception
+
+
+def test_data_explorer_shows_the_chosen_users_history_and_position(populated, tiny_task_data):
+    at = page("data_explorer", user="bob")
+    bob = tiny_task_data.user("bob")
+    assert at.selectbox(key="explore-user").value == "bob"
+    assert list(at.dataframe[0].value["id"]) == [i.id for i in bob.history]
+    histogram = plotly_charts(at)[0]
+    assert histogram.layout.shapes[0].x0 == len(bob.history)
+    users = (*tiny_task_data.test_users, *tiny_task_data.train_users)
+    assert sorted(values(histogram.data[0].x)) == sorted(len(u.history) for u in users)
+
+    at.text_input(key="explore-search").set_value("car").run()
+    assert at.selectbox(key="explore-user").options == ["carol · 4 items"]
+    assert "most popular tag: comedy" in texts(at)  # carol's profile text
+
+
+def test_analyses_draw_every_figure_with_downloads(populated):
+    at = page("analyses")
+    charts = plotly_charts(at)
+    titles = [c.layout.title.text for c in charts]
+    assert titles == ["Performance by user activity (Fig. 3)", "Number of retrieved items (Fig. 4)", "PEFT type",
+                      "Behaviour shift", "History format"]
+    k_fig = charts[1]
+    assert {t.name for t in k_fig.data} == {"RAG (retrieval only)", "OPPU + RAG"}
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels.count("CSV") == 5 and (labels.count("HTML") + labels.count("PNG")) == 5
+
+
+def test_train_page_lists_jobs_and_form_rejects_bad_input(populated):
+    at = page("train")
+    at.number_input(key="train-epochs").set_value(0)
+    at.button[0].click()  # the form's submit button
+    at.run()
+    assert "epochs must be >= 1" in at.error[0].value
+    assert not Path(populated["OPPU_JOBS"]).exists() or not any(Path(populated["OPPU_JOBS"]).iterdir())
+
+    at.number_input(key="train-epochs").set_value(1)
+    at.multiselect(key="train-methods").set_value([])
+    at.button[0].click()
+    at.run()
+    assert "no methods given" in at.error[0].value
+
+
+def test_adapters_page_lists_exports_and_deletes_after_confirmation(populated):
+    root = Path(populated["OPPU_ARTIFACTS"]) / "LaMP_2M" / "run1"
+    for user in ("alice", "bob"):
+        folder = root / user
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
+        (folder / "manifest.json").write_text(json.dumps(
+            {"user_id": user, "task": "LaMP_2M", "run_key": "run1", "peft_kind": "lora",
+             "peft": {"kind": "lora", "r": 8, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+             "n_items": 8, "final_loss": 0.7, "created": f"2024-01-0{len(user)}"}))
+    at = page("adapters")
+    listed = at.dataframe[0].value
+    assert sorted(listed["user_id"]) == ["alice", "bob"] and set(listed["items"]) == {8}
+    assert [b.proto.label for b in at.get("download_button")] == ["Export as zip"]
+
+    chosen = at.selectbox(key="adapter-pick").value
+    delete = next(b for b in at.button if b.label == "Delete")
+    assert delete.disabled  # nothing is deleted without the confirmation
+    at.checkbox(key=f"adapter-confirm-{chosen}").check().run()
+    next(b for b in at.button if b.label == "Delete").click().run()
+    assert not Path(chosen).exists()
+    assert "Deleted the adapter" in at.success[0].value
+    assert len(at.dataframe[0].value) == 1
+
+
+# -- navigation and the CLI command ---------------------------------------------------------------------------
+
+
+def test_app_navigation_lists_every_page_and_switches(populated):
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
+    assert not at.exception
+    assert at.title[0].value == "OPPU Studio"  # the default page
+    for name, title in (("compare", "Compare methods, query by query"), ("analyses", "Analyses")):
+        at.switch_page(f"../pages/{name}.py").run()
+        assert not at.exception, at.exception
+        assert at.title[0].value == title
+
+
+def test_dashboard_command_binds_loopback_headless_without_usage_stats(tmp_path):
+    import argparse
+
+    from oppu.commands import dashboard
+
+    parser = argparse.ArgumentParser()
+    dashboard.configure(parser)
+    argv, env, cwd = dashboard.streamlit_command(parser.parse_args(["--db", str(tmp_path / "x.duckdb")]), {})
+    assert argv[argv.index("--server.address") + 1] == "127.0.0.1"
+    assert argv[argv.index("--server.headless") + 1] == "true"
+    assert argv[argv.index("--browser.gatherUsageStats") + 1] == "false"
+    assert argv[4] == str(ROOT / "dashboard" / "app.py") and cwd == ROOT
+    assert env == {"OPPU_DB": str(tmp_path / "x.duckdb")}
+    with pytest.raises(ValueError, match="--port 0"):
+        dashboard.streamlit_command(parser.parse_args(["--port", "0"]), {})
+
+
+# -- speed on a big store ---------------------------------------------------------------------------------------
+
+
+def test_pages_open_fast_on_a_million_row_store(env):
+    from oppu.store import Store
+
+    store = Store(env["OPPU_DB"])
+    store.seed_synthetic(1_000_000, runs=40, users_per_run=100)
+    assert store.prediction_count() >= 1_000_000
+    page("compare")  # warm-up: first imports of the page's modules are not the store's cost
+    for name in ("overview", "compare", "analyses"):
+        start = time.perf_counter()
+        at = page(name)
+        elapsed = time.perf_counter() - start
+        assert not at.exception and not at.error, (name, at.exception, [e.value for e in at.error])
+        assert elapsed < 2.0, f"{name} took {elapsed:.2f} s on 1M predictions"
