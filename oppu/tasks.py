@@ -178,10 +178,7 @@ def _normalize_label(task: Task, text: str) -> str:
     lowered.update({alias.lower(): label for alias, label in task.aliases.items()})
     if cleaned in lowered:
         return lowered[cleaned]
-    # A label at the start ("comedy, because..."), longest first so "dark comedy" beats "comedy".
-    for key in sorted(lowered, key=len, reverse=True):
-        if cleaned.startswith(key) and (len(cleaned) == len(key) or not cleaned[len(key)].isalnum()):
-            return lowered[key]
+    # Otherwise exactly one label must be mentioned ("comedy, because..."); a hedge naming two gets no credit.
     mentioned = {lowered[key] for key in lowered if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", cleaned)}
     # "dark comedy" also mentions "comedy": drop labels contained in another mentioned label.
     mentioned = {m for m in mentioned if not any(m != o and m.lower() in o.lower() for o in mentioned)}
