@@ -1,0 +1,280 @@
+"""Jobs: real worker processes running a fast fake runner (lifecycle, cancel, kill -9 + resume, slots), the pure
+progress summary, hostile ids, and one end-to-end job with the real `run_experiment` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from oppu import jobs
+from oppu.config import RunConfig
+from oppu.store import Store
+
+TESTS = str(Path(__file__).resolve().parent)
+FAKE = "test_jobs:fake_runner"
+
+
+def fake_runner(cfg, progress=None, should_stop=None, store=None, run_id=None, job_id=None):
+    """Stands in for run_experiment: per user, `steps` sleeps with progress, then predictions and user metrics.
+    Settings come from cfg.tag, e.g. "steps=3 sleep=0.05 ignore_stop=1 fail=1"."""
+    opts = {k: float(v) for k, v in (kv.split("=") for kv in cfg.tag.split())}
+    store = store or Store(cfg.db)
+    store.create_run(run_id, cfg.to_dict(), cfg.task, "fake", "fp", "test", cfg.tag, job_id)
+    done = store.done_users(run_id)
+    users = list(cfg.user_ids)
+    for i, user in enumerate(users):
+        if user in done:
+            continue
+        steps = int(opts.get("steps", 3))
+        for step in range(1, steps + 1):
+            if should_stop and should_stop() and not opts.get("ignore_stop"):
+                store.set_status(run_id, "cancelled")
+                return run_id
+            time.sleep(opts.get("sleep", 0.05))
+            progress(f"user:{user}:plain", step, steps, 2.0 / step)
+        if opts.get("fail"):
+            raise RuntimeError(f"fake failure on user {user}")
+        rows = [{"run_id": run_id, "task": cfg.task, "user_id": user, "query_id": f"{user}-q{q}", "method": m,
+                 "k": 1, "peft": "lora", "retriever": "bm25", "prompt": "p", "raw_output": "comedy",
+                 "output": "comedy", "gold": "comedy", "retrieved_ids": [], "retrieved_scores": [],
+                 "history_size": 5 + i, "correct": 1.0} for q in range(2) for m in cfg.methods]
+        store.add_predictions(rows)
+        for m in cfg.methods:
+            store.add_user_metrics(run_id, user, m, {"accuracy": 1.0}, history_size=5 + i)
+        progress("users", i + 1, len(users), None)
+    store.finish_run(run_id, {m: {"accuracy": 1.0} for m in cfg.methods})
+    return run_id
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """Worker processes import this module (the fake runner) through PYTHONPATH."""
+    monkeypatch.setenv("PYTHONPATH", TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return tmp_path
+
+
+def _cfg(tmp_path, tag, users=("a", "b", "c"), methods=("none", "oppu")):
+    return RunConfig(task="LaMP_2M", user_ids=users, methods=methods, db=str(tmp_path / "r.duckdb"), tag=tag)
+
+
+def _wait(predicate, timeout=30.0, every=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def _state(root, job_id):
+    return jobs.get_job(root, job_id)["state"]
+
+
+# -- pure parts --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["../etc", "", "a/b", "20250101-000000-abcdeg", "20250101-000000-abcdef/..",
+                                 "/tmp/x", "20250101-000000-ABCDEF", "..", "20250101-000000-abcdef\n"])
+def test_hostile_job_ids_are_refused_everywhere(tmp_path, bad):
+    with pytest.raises(jobs.JobError, match="invalid job id"):
+        jobs.check_job_id(bad)
+    for call in (jobs.get_job, jobs.cancel, jobs.resume, jobs.logs, jobs.run_worker):
+        with pytest.raises(jobs.JobError, match="invalid job id"):
+            call(tmp_path, bad)
+    assert list(tmp_path.iterdir()) == []  # nothing was created
+
+
+def test_new_job_ids_are_valid_and_distinct():
+    ids = {jobs.new_job_id() for _ in range(50)}
+    assert len(ids) == 50 and all(jobs.check_job_id(i) for i in ids)
+
+
+def test_progress_events_from_run_experiment_reports():
+    assert jobs.progress_event("adapt:LaMP_2M", 2, 10, 1.5) == {
+        "stage": "task_adaptation", "user": "__task__", "step": 2, "steps_total": 10, "loss": 1.5}
+    assert jobs.progress_event("user:u:1:rag1", 1, 4, 0.5)["user"] == "u:1"  # ids may contain ':'
+    assert jobs.progress_event("users", 3, 5, None) == {"stage": "users", "users_done": 3, "users_total": 5}
+    assert jobs.progress_event({"stage": "generate", "user": "x"}) == {"stage": "generate", "user": "x"}
+    with pytest.raises(jobs.JobError, match="expected a dict"):
+        jobs.progress_event("a", 1)
+
+
+def test_summarize_progress_counts_users_and_extrapolates():
+    events = [{"t": 0, "stage": "started", "users_total": 4, "users_done_before": 1},
+              {"t": 10, "stage": "train_user", "user": "b", "step": 1, "steps_total": 2, "loss": 3.0},
+              {"t": 20, "stage": "train_user", "user": "b", "step": 2, "steps_total": 2, "loss": 1.0},
+              {"t": 30, "stage": "train_user", "user": "c", "step": 1, "steps_total": 2, "loss": 2.0}]
+    s = jobs.summarize_progress(events, now=40)
+    # user a was done before this attempt, b is trained, c half way: 2.5 of 4
+    assert s["progress"] == pytest.approx(2.5 / 4) and s["user_index"] == 3 and s["users_done"] == 2
+    assert s["eta_s"] == pytest.approx(30 * 1.5 / 1.5)  # 1.5 users in 30 s since the first training step
+    assert s["loss"] == 2.0 and s["loss_history"] == [3.0, 1.0, 2.0] and s["user"] == "c"
+    assert s["losses"][0] == {"step": 1, "loss": 3.0, "user_id": "b"}
+    finished = jobs.summarize_progress(events + [{"t": 50, "stage": "users", "users_done": 4, "users_total": 4},
+                                                 {"t": 51, "stage": "done"}], now=60)
+    assert finished["progress"] == 1.0 and finished["eta_s"] is None
+
+
+def test_summarize_progress_adds_up_ray_shares_and_ignores_older_attempts():
+    events = [{"stage": "started", "users_total": 9}, {"stage": "train_user", "user": "old", "step": 1},
+              {"stage": "resumed", "users_total": 4, "users_done_before": 0},
+              {"stage": "ray", "shares": 2, "users_total": 4},
+              {"stage": "users", "users_done": 2, "users_total": 2, "share": 0},
+              {"stage": "train_user", "user": "d", "step": 1, "steps_total": 4, "share": 1}]
+    s = jobs.summarize_progress(events, now=1)
+    assert s["users_total"] == 4 and s["progress"] == pytest.approx(2 / 4)
+    assert all(p["user_id"] != "old" for p in s["losses"])
+
+
+def test_split_users_is_contiguous_and_complete():
+    users = [str(i) for i in range(7)]
+    parts = jobs.split_users(users, 3)
+    assert parts == [["0", "1", "2"], ["3", "4"], ["5", "6"]]
+    assert jobs.split_users(users[:2], 5) == [["0"], ["1"]]
+
+
+def test_submit_validates_its_options(tmp_path):
+    cfg = _cfg(tmp_path, "steps=1")
+    with pytest.raises(jobs.JobError, match="backend"):
+        jobs.submit(cfg, tmp_path / "jobs", backend="slurm")
+    with pytest.raises(jobs.JobError, match="module.path:function"):
+        jobs.submit(cfg, tmp_path / "jobs", runner="os.system('x')")
+
+
+# -- in-process worker -------------------------------------------------------------------------------------------
+def test_failed_runner_records_error_and_traceback(tmp_path):
+    root = tmp_path / "jobs"
+    job_id = jobs.submit(_cfg(tmp_path, "steps=1 sleep=0 fail=1"), root, start=False)
+    assert jobs.run_worker(root, job_id, runner=fake_runner) == 1
+    job = jobs.get_job(root, job_id)
+    assert job["state"] == "failed" and "fake failure on user a" in job["error"]
+    assert "RuntimeError" in job["traceback"]
+    assert Store(tmp_path / "r.duckdb").runs().iloc[0]["status"] == "failed"
+    assert jobs.run_worker(root, job_id, runner=fake_runner) == 2  # a failed job needs resume first
+
+
+# -- worker processes --------------------------------------------------------------------------------------------
+def test_submit_shows_progress_then_done(env):
+    root = env / "jobs"
+    job_id = jobs.submit(_cfg(env, "steps=4 sleep=0.15"), root, runner=FAKE)
+    assert jobs.get_job(root, job_id)["state"] == "running"  # submit returned at once; the worker runs
+    seen = _wait(lambda: (j := jobs.get_job(root, job_id))["stage"] == "train_user" and j)
+    assert seen["users_total"] == 3 and seen["loss"] is not None and seen["elapsed_s"] >= 0
+    _wait(lambda: _state(root, job_id) == "done")
+    job = jobs.get_job(root, job_id)
+    assert job["progress"] == 1.0 and job["user_index"] == 3 and job["error"] is None
+    store = Store(env / "r.duckdb")
+    assert store.prediction_count(job_id) == 3 * 2 * 2
+    run = store.runs().set_index("run_id").loc[job_id]
+    assert run["status"] == "done" and run["job_id"] == job_id
+    assert f"job {job_id}: done" in jobs.logs(root, job_id)
+
+
+def test_cancel_stops_worker_and_keeps_finished_users(env):
+    root = env / "jobs"
+    job_id = jobs.submit(_cfg(env, "steps=40 sleep=0.1", users=("a", "b")), root, runner=FAKE)
+    _wait(lambda: (jobs.get_job(root, job_id)["step"] or 0) >= 2)
+    t0 = time.monotonic()
+    assert jobs.cancel(root, job_id) == "running"  # flagged; the worker stops at its next check
+    _wait(lambda: _state(root, job_id) == "cancelled", timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert Store(env / "r.duckdb").runs().iloc[0]["status"] == "cancelled"
+    assert jobs.cancel(root, job_id) == "cancelled"  # idempotent
+
+
+def test_cancel_interrupts_a_runner_that_ignores_the_flag(env):
+    root = env / "jobs"
+    job_id = jobs.submit(_cfg(env, "steps=400 sleep=0.1 ignore_stop=1", users=("a",)), root, runner=FAKE)
+    _wait(lambda: jobs.get_job(root, job_id)["stage"] == "train_user")
+    jobs.cancel(root, job_id)
+    _wait(lambda: _state(root, job_id) == "cancelled", timeout=jobs.CANCEL_GRACE_S + 6)
+
+
+def test_kill_9_is_interrupted_and_resume_completes_without_duplicates(env):
+    root = env / "jobs"
+    users = ("a", "b", "c")
+    job_id = jobs.submit(_cfg(env, "steps=6 sleep=0.1", users=users), root, runner=FAKE)
+    store = Store(env / "r.duckdb")
+    _wait(lambda: store.done_users(job_id) >= {"a"})
+    first = store.predictions_for(job_id, "a")["query_id"].tolist()
+    os.kill(jobs.get_job(root, job_id)["pid"], signal.SIGKILL)
+    _wait(lambda: _state(root, job_id) == "interrupted", timeout=5)
+    assert "worker process" in jobs.get_job(root, job_id)["error"]
+    jobs.resume(root, job_id)
+    _wait(lambda: _state(root, job_id) == "done")
+    assert store.prediction_count(job_id) == len(users) * 2 * 2
+    assert store.predictions_for(job_id, "a")["query_id"].tolist() == first
+    job = jobs.get_job(root, job_id)
+    assert job["attempts"] == 2 and job["progress"] == 1.0
+    assert not any(p["user_id"] == "a" for p in job["losses"])  # the resumed attempt skipped the finished user
+    with pytest.raises(jobs.JobError, match="only interrupted, failed or cancelled"):
+        jobs.resume(root, job_id)
+
+
+READER = textwrap.dedent("""
+    import json, sys, time
+    from oppu.store import Store
+    store, errors, polls, deadline = Store(sys.argv[1]), [], 0, time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < deadline:
+        try:
+            store.latest_runs(5); store.counts(); polls += 1
+        except Exception as err:
+            errors.append(repr(err))
+        time.sleep(0.05)
+    print(json.dumps({"polls": polls, "errors": errors}))
+""")
+
+
+def test_two_jobs_at_once_with_a_reader_and_a_queue(env):
+    root = env / "jobs"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(env / "r.duckdb"), "6"], stdout=subprocess.PIPE,
+                              text=True)
+    ids = [jobs.submit(_cfg(env, "steps=3 sleep=0.1"), root, runner=FAKE, max_workers=2) for _ in range(3)]
+    states = [_state(root, i) for i in ids]
+    assert states == ["running", "running", "queued"]  # the third waits for a free slot
+    _wait(lambda: all(_state(root, i) == "done" for i in ids), timeout=60)
+    report = json.loads(reader.communicate(timeout=30)[0])
+    assert report["errors"] == [] and report["polls"] > 5
+    store = Store(env / "r.duckdb")
+    assert [store.prediction_count(i) for i in ids] == [12, 12, 12]
+    third = jobs.get_job(root, ids[2])
+    assert third["started"] >= min(jobs.get_job(root, i)["finished"] for i in ids[:2]) - 0.5
+
+
+# -- the real pipeline -------------------------------------------------------------------------------------------
+def test_real_run_experiment_job_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The default runner end to end on the tiny model: progress from the real pipeline, kill -9 during the
+    second user, resume, no duplicate rows, and every user's adapter folder complete."""
+    from oppu.experiment import adapter_folder, adapter_styles
+    from oppu.model import adapter_complete
+    from oppu.config import ModelConfig, TrainConfig
+
+    cfg = RunConfig(task="LaMP_2M", user_ids=("alice", "bob", "carol"), methods=("none", "oppu"),
+                    data_dir=str(tiny_data_dir), db=str(tmp_path / "r.duckdb"),
+                    artifacts_dir=str(tmp_path / "artifacts"), model=ModelConfig(name=str(tiny_model_dir)),
+                    task_adaptation=False, user_train=TrainConfig(epochs=1, batch_size=2, max_length=64))
+    root = tmp_path / "jobs"
+    job_id = jobs.submit(cfg, root)
+    _wait(lambda: _state(root, job_id) != "running", timeout=120, every=0.5)
+    job = jobs.get_job(root, job_id)
+    assert job["state"] == "done", jobs.logs(root, job_id)
+    assert job["loss_history"] and job["progress"] == 1.0
+    store = Store(cfg.db)
+    expected = sum(len(u.queries) for u in _users(tiny_data_dir)) * 2
+    assert store.prediction_count(job_id) == expected
+    for user in cfg.user_ids:
+        for style in adapter_styles(cfg):
+            assert adapter_complete(adapter_folder(cfg, job_id, user, style))
+
+
+def _users(data_dir):
+    from oppu.data import load_task_data
+
+    return [u for u in load_task_data(str(data_dir), "LaMP_2M").test_users if u.id in ("alice", "bob", "carol")]
