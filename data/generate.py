@@ -13,15 +13,16 @@ import datetime as dt
 import random
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # `python data/generate.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from oppu.data import Item, Query, User, write_json_atomic, write_oppu  # noqa: E402
-from oppu.tasks import TASKS, CitationTask, Task  # noqa: E402
+from oppu.data import Item, Query, User, write_json_atomic, write_oppu
+from oppu.tasks import TASKS, CitationTask, Task
 
 SEED = 20240501
 SHIFT_DATE = "2021-07-01"
@@ -282,9 +283,9 @@ AREAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "economics": (("auction design", "labor markets", "price discrimination", "matching markets"),
                   ("mechanism design", "structural estimation", "field experiments")),
 }
-GENERIC_TITLES = ("A Unified View of Efficient Methods", "Revisiting Common Assumptions", "Scalable and Robust "
-                  "Estimation", "Lessons from a Decade of Practice", "Towards Reliable Evaluation", "Simple Baselines "
-                  "Revisited", "On the Limits of Current Approaches", "Learning with Less Supervision")
+GENERIC_TITLES = ("A Unified View of Efficient Methods", "Revisiting Common Assumptions",
+                  "Scalable and Robust Estimation", "Lessons from a Decade of Practice", "Towards Reliable Evaluation",
+                  "Simple Baselines Revisited", "On the Limits of Current Approaches", "Learning with Less Supervision")
 
 
 def _ref_title(rng: random.Random, area: str) -> str:

@@ -8,9 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from oppu.data import (DataError, Item, LampQuestion, Query, TaskData, UnknownUserError, User, convert_lamp,
-                       group_questions, lamp_urls, load_task_data, read_golds, read_lamp, validate_path,
-                       write_oppu)
+from oppu.data import (
+    DataError,
+    Item,
+    LampQuestion,
+    Query,
+    TaskData,
+    UnknownUserError,
+    User,
+    convert_lamp,
+    group_questions,
+    lamp_urls,
+    load_task_data,
+    read_golds,
+    read_lamp,
+    validate_path,
+    write_oppu,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lamp"
 QUESTIONS = FIXTURES / "LaMP_2M_dev_questions.json"

@@ -57,7 +57,7 @@ def test_read_lamp_and_golds_any_json(value, task_id):
     path = root / task_id / "q.json"
     for reader in (lambda: read_lamp(task_id, path), lambda: read_golds(path, task_id)):
         try:
-            records, problems = reader()[:2]
+            _, problems = reader()[:2]
         except DataError:
             continue
         assert all(isinstance(p.message, str) for p in problems)
@@ -93,7 +93,7 @@ def test_match_by_id_is_exact_or_a_value_error(gold_pairs, pred_pairs):
     golds = [{"id": i, "output": o} for i, o in gold_pairs]
     preds = [{"id": i, "output": o} for i, o in pred_pairs]
     try:
-        ids, g, p = match_by_id(golds, preds)
+        ids, _, _ = match_by_id(golds, preds)
     except ValueError:
         return
     assert sorted(ids) == sorted({i for i, _ in gold_pairs}) == sorted({i for i, _ in pred_pairs})
