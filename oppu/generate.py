@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from oppu.config import GenerationConfig
-from oppu.model import BASE_ADAPTER, AdapterPool, eos_token_ids
+from oppu.model import BASE_ADAPTER, KIND_OF_PEFT_TYPE, AdapterPool, eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,25 @@ def _generate_batch(model, tokenizer, rows: list[list[int]], adapter_names: list
 
 def _peft_kind(peft_model) -> str:
     """`lora`, `ia3` or `prompt` for a bare PeftModel (all its adapters share one kind)."""
-    from oppu.model import KIND_OF_PEFT_TYPE
-
     config = next(iter(peft_model.peft_config.values()))
     peft_type = getattr(config.peft_type, "value", str(config.peft_type))
     return KIND_OF_PEFT_TYPE.get(peft_type, peft_type.lower())
+
+
+def _batches(rows: list[int], lengths: list[int], size: int, same_length: bool) -> list[list[int]]:
+    """Consecutive batches of at most `size` rows (already sorted by length).
+
+    Prompt tuning puts its virtual tokens in front of the left padding and PEFT then ignores position ids, so a
+    padded row would see shifted positions: its batches hold rows of one length only (no padding at all).
+    """
+    batches: list[list[int]] = []
+    batch_length = None
+    for row, length in zip(rows, lengths, strict=True):
+        if not batches or len(batches[-1]) >= size or (same_length and length != batch_length):
+            batches.append([])
+            batch_length = length
+        batches[-1].append(row)
+    return batches
 
 
 def _groups(adapters: Sequence[str], mixable: bool) -> list[tuple[str | None, list[int]]]:
@@ -145,8 +159,8 @@ def generate(model, tokenizer, prompts: Sequence[str], adapters: Sequence[str | 
     try:
         for group_adapter, rows in _groups(names, mixable=pool_kind == "lora" or not has_peft):
             rows = sorted(rows, key=lambda i: len(encoded[i]))
-            for start in range(0, len(rows), gen_cfg.batch_size):
-                batch = rows[start:start + gen_cfg.batch_size]
+            for batch in _batches(rows, [len(encoded[i]) for i in rows], gen_cfg.batch_size,
+                                  same_length=pool_kind == "prompt"):
                 texts = _run_group(runner, tokenizer, [encoded[i] for i in batch], [names[i] for i in batch],
                                    group_adapter, has_peft, gen_cfg, budget, eos)
                 for i, text in zip(batch, texts, strict=True):

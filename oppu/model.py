@@ -331,6 +331,7 @@ class AdapterPool:
         self.kind = cfg.kind
         self._names[user_id] = name
         self.set(user_id)
+        self.model.eval()  # new adapter modules start in training mode (dropout on); loops switch it themselves
         return name
 
     def load(self, user_id: str, folder: str | os.PathLike) -> str:
@@ -350,6 +351,7 @@ class AdapterPool:
             self.model.load_adapter(str(folder), adapter_name=name)
         self.kind = kind
         self._names[user_id] = name
+        self.model.eval()
         return name
 
     def set(self, user_id: str) -> None:
@@ -390,6 +392,16 @@ def _write_adapter_files(pool: AdapterPool, user_id: str, tmp: Path) -> None:
         for child in nested.iterdir():
             os.replace(child, tmp / child.name)
         nested.rmdir()
+    # The model card PEFT adds is boilerplate, and both it and adapter_config.json name the base by its absolute
+    # path when it was loaded from a folder: keep only the folder's name so an exported adapter leaks no paths.
+    (tmp / "README.md").unlink(missing_ok=True)
+    config_path = tmp / "adapter_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        base = config.get("base_model_name_or_path")
+        if isinstance(base, str) and Path(base).is_absolute():
+            config["base_model_name_or_path"] = Path(base).name
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     missing = [f for f in ADAPTER_FILES if not (tmp / f).is_file()]
     if missing:
         raise RuntimeError(f"PEFT did not write {missing} for adapter {name!r}")

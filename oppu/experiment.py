@@ -1,0 +1,294 @@
+"""One run end to end: data -> task adaptation -> per-user adapters -> every method's predictions -> store.
+
+Layers: resolve (task, data, users, run id) -> build (model, retriever, task-adapted base, adapter pool) -> loop
+over chunks of users (train, generate, write) -> finish (run-level metrics from every stored prediction).
+
+Adapters per user: one per distinct prompt STYLE the run's methods need, because an adapter should be trained
+on prompts shaped like the ones it answers (the paper trains the OPPU+RAG adapter on retrieval-augmented
+prompts). `oppu` -> plain, `oppu+rag` -> rag, `oppu+pag` -> pag, `oppu+rag+pag` -> rag+pag; with k=0 the
+rag styles collapse into their non-rag twins. Methods without an adapter (none, rag, pag) use the task-adapted
+base. Adapters are saved under `artifacts/adapters/<task>/<run id>/<user>/<style>/`.
+
+Resumable: a user whose predictions and metrics are stored for every method (`Store.done_users`) and whose
+adapter folders are complete is skipped, so a stopped or crashed job continues where it left off. Results are
+written user chunk by user chunk, never only at the end. Gold answers are read only to score, never to prompt.
+
+Progress events are `progress(stage, step, total, loss)`: training stages (`adapt:<task>`,
+`user:<id>:<style>`) report per-step losses; `users` reports users finished (loss None).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from oppu.config import METHODS, RunConfig
+from oppu.train import PromptStyle, StopRequested
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int, float | None], None]
+USERS_PER_CHUNK = 4
+"""Users trained before one mixed-adapter generation pass: rows of several users share batches."""
+MODEL_CACHE = ".cache/models"
+
+
+# -- resolve -------------------------------------------------------------------------------------------------
+def method_style(cfg: RunConfig, method: str) -> PromptStyle:
+    """The prompt style of a method under this run's retrieval settings and history format."""
+    _, retrieval, profile = METHODS[method]
+    return PromptStyle(retrieval=retrieval and cfg.retrieval.k > 0, profile=profile,
+                       k=cfg.retrieval.k if retrieval else 0, text_only=cfg.history_format == "text_only")
+
+
+def adapter_styles(cfg: RunConfig) -> list[PromptStyle]:
+    """Distinct prompt styles of the methods that use a personal adapter (one adapter each per user)."""
+    styles = [method_style(cfg, m) for m in cfg.methods if METHODS[m][0]]
+    return list(dict.fromkeys(styles))
+
+
+def select_users(data, cfg: RunConfig) -> list:
+    """`cfg.user_ids` in the given order (unknown ids raise UnknownUserError), else the most active users."""
+    if cfg.user_ids:
+        return [data.user(uid) for uid in cfg.user_ids]
+    return list(data.most_active(cfg.users or 1))
+
+
+def visible_history(user, cutoff: str | None) -> list:
+    """Behaviour shift: only items dated strictly before the cutoff (undated items stay)."""
+    from oppu.retrieval import visible
+
+    return visible(user.history, cutoff)
+
+
+def new_run_id(cfg: RunConfig) -> str:
+    return f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def code_version() -> str:
+    from oppu import __version__
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def portable_config(cfg: RunConfig) -> dict[str, Any]:
+    """The run config with absolute paths made relative (or reduced to a name): manifests travel."""
+    from oppu.model import model_key
+
+    def rel(path: str) -> str:
+        p = Path(path)
+        if not p.is_absolute():
+            return path
+        try:
+            return os.path.relpath(p, Path.cwd()) if p.is_relative_to(Path.cwd()) else p.name
+        except ValueError:
+            return p.name
+
+    d = cfg.to_dict()
+    for key in ("data_dir", "db", "artifacts_dir"):
+        d[key] = rel(d[key])
+    d["model"] = {**d["model"], "name": model_key(cfg.model)}
+    return d
+
+
+def adapter_folder(cfg: RunConfig, run_id: str, user_id: str, style: PromptStyle) -> Path:
+    from oppu.paths import user_adapter_dir
+
+    return Path(user_adapter_dir(Path(cfg.artifacts_dir) / "adapters", cfg.task, run_id, user_id)) / style.key
+
+
+def _pool_key(user_id: str, style: PromptStyle) -> str:
+    return f"{user_id}|{style.key}"
+
+
+@dataclass
+class _Context:
+    """What every chunk of users needs, built once per run."""
+
+    cfg: RunConfig
+    run_id: str
+    task: Any
+    store: Any
+    tokenizer: Any
+    pool: Any
+    retriever: Any
+    styles: list[PromptStyle]
+    fingerprint: str
+    progress: Progress | None
+    should_stop: Callable[[], bool] | None
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def run_experiment(cfg: RunConfig, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                   store=None, run_id: str | None = None, job_id: str | None = None) -> str:
+    """Run (or resume, with the same `run_id`) one experiment; returns the run id.
+
+    Raises `oppu.data.DataError` / `UnknownUserError` / `UnknownTaskError` for bad inputs before any model loads.
+    A `should_stop()` that turns True ends the run early with status `cancelled` (resume it with the same id).
+    """
+    from oppu.data import load_task_data
+    from oppu.store import Store
+    from oppu.tasks import get_task
+
+    task = get_task(cfg.task)
+    data = load_task_data(cfg.data_dir, task)
+    users = select_users(data, cfg)
+    run_id = run_id or new_run_id(cfg)
+    store = store if store is not None else Store(cfg.db)
+    store.create_run(run_id, cfg.to_dict(), task.id, cfg.model.name, data.fingerprint, code_version(), cfg.tag,
+                     job_id)
+    try:
+        pending = _pending_users(cfg, run_id, users, store)
+        if pending:
+            ctx = _build(cfg, run_id, task, data, store, progress, should_stop)
+            done = len(users) - len(pending)
+            for start in range(0, len(pending), USERS_PER_CHUNK):
+                if should_stop is not None and should_stop():
+                    raise StopRequested("stopped between users")
+                chunk = pending[start:start + USERS_PER_CHUNK]
+                _run_chunk(ctx, chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress("users", done, len(users), None)
+        store.finish_run(run_id, store.compute_run_metrics(run_id), status="done")
+    except StopRequested as stop:
+        log.info("run %s stopped: %s", run_id, stop)
+        store.set_status(run_id, "cancelled")
+    except BaseException:
+        store.set_status(run_id, "failed")
+        raise
+    return run_id
+
+
+def _pending_users(cfg: RunConfig, run_id: str, users: Sequence, store) -> list:
+    done = store.done_users(run_id)
+    styles = adapter_styles(cfg)
+    from oppu.model import adapter_complete
+
+    def complete(user) -> bool:
+        return user.id in done and all(adapter_complete(adapter_folder(cfg, run_id, user.id, s)) for s in styles)
+
+    return [u for u in users if not complete(u)]
+
+
+def _build(cfg: RunConfig, run_id: str, task, data, store, progress, should_stop) -> _Context:
+    from oppu.model import AdapterPool, load_model, model_key
+    from oppu.retrieval import get_retriever
+    from oppu.train import adapt_task
+
+    model, tokenizer = load_model(cfg.model, MODEL_CACHE)
+    retriever = get_retriever(cfg.retrieval.retriever,
+                              partial(task.format_item, text_only=cfg.history_format == "text_only"))
+    if cfg.task_adaptation and data.train_users:
+        styles = [method_style(cfg, m) for m in cfg.methods]
+        result = adapt_task(model, tokenizer, task, data.train_users, list(dict.fromkeys(styles)),
+                            cfg.adaptation_peft, cfg.adaptation_train, cfg.artifacts_dir,
+                            model_name=model_key(cfg.model), data_fingerprint=data.fingerprint,
+                            retriever=retriever, retriever_name=cfg.retrieval.retriever,
+                            progress=progress, should_stop=should_stop)
+        model = result.model
+        store.add_train_curve(run_id, "__task__", "adapt", result.curve)
+    elif cfg.task_adaptation:
+        log.warning("no other users in %s: task adaptation skipped", data.source)
+    return _Context(cfg, run_id, task, store, tokenizer, AdapterPool(model), retriever, adapter_styles(cfg),
+                    data.fingerprint, progress, should_stop)
+
+
+def _run_chunk(ctx: _Context, users: Sequence) -> None:
+    """Train the chunk's adapters, answer every method's queries in shared batches, store, free the adapters."""
+    from oppu.generate import generate
+    from oppu.model import model_key
+    from oppu.profiles import build_profiles
+
+    cfg, task = ctx.cfg, ctx.task
+    histories = {u.id: visible_history(u, cfg.history_cutoff) for u in users}
+    profiles: dict[str, str] = {}
+    if any(METHODS[m][2] for m in cfg.methods):
+        profiles = build_profiles(users, task, ctx.pool, ctx.tokenizer, Path(cfg.artifacts_dir),
+                                  model_name=model_key(cfg.model), histories=histories, gen_cfg=cfg.generation)
+    for user in users:
+        _train_user_adapters(ctx, user, histories[user.id], profiles.get(user.id))
+    rows, prompts, adapters = [], [], []
+    for user in users:
+        for method in cfg.methods:
+            for query in user.queries:
+                row, prompt, adapter = _query_row(ctx, user, method, query, histories[user.id],
+                                                  profiles.get(user.id))
+                rows.append(row)
+                prompts.append(prompt)
+                adapters.append(adapter)
+    raws = generate(ctx.pool, ctx.tokenizer, prompts, adapters, cfg.generation,
+                    max_new_tokens=cfg.generation.max_new_tokens or task.max_new_tokens)
+    for row, raw in zip(rows, raws, strict=True):
+        row["raw_output"] = raw
+        row["output"] = task.normalize(raw)
+    ctx.store.add_predictions(rows)
+    _store_user_metrics(ctx, users, rows, histories)
+    for user in users:
+        for style in ctx.styles:
+            ctx.pool.delete(_pool_key(user.id, style))
+
+
+def _train_user_adapters(ctx: _Context, user, history: Sequence, profile: str | None) -> None:
+    from oppu.model import save_user_adapter
+    from oppu.train import train_user
+
+    cfg = ctx.cfg
+    for style in ctx.styles:
+        key = _pool_key(user.id, style)
+        result = train_user(ctx.pool, ctx.tokenizer, ctx.task, user, style, cfg.user_peft, cfg.user_train,
+                            history=history, retriever=ctx.retriever, profile=profile, adapter_key=key,
+                            progress=ctx.progress, should_stop=ctx.should_stop)
+        ctx.store.add_train_curve(ctx.run_id, user.id, f"oppu:{style.key}", result.curve)
+        manifest = {"run_id": ctx.run_id, "task": cfg.task, "style": style.key,
+                    "methods": [m for m in cfg.methods if METHODS[m][0] and method_style(cfg, m) == style],
+                    "config": portable_config(cfg), "data_fingerprint": ctx.fingerprint,
+                    "data_hash": result.data_hash, "item_ids": result.item_ids, "item_count": len(result.item_ids),
+                    "examples": result.examples, "train_loss": result.final_loss, "train_curve": result.curve}
+        save_user_adapter(ctx.pool, key, adapter_folder(cfg, ctx.run_id, user.id, style), manifest)
+
+
+def _query_row(ctx: _Context, user, method: str, query, history: Sequence, profile: str | None
+               ) -> tuple[dict[str, Any], str, str | None]:
+    """(prediction row without outputs, prompt, adapter name) for one query under one method."""
+    from oppu.train import build_prompt
+
+    cfg = ctx.cfg
+    style = method_style(cfg, method)
+    # The query's gold is not passed: build_prompt only sees the input, the history and the profile.
+    prompt, retrieved = build_prompt(ctx.task, query.input, style, history if style.retrieval else (),
+                                     ctx.retriever, profile, before=query.date)
+    uses_adapter = METHODS[method][0]
+    adapter = ctx.pool.name_of(_pool_key(user.id, style)) if uses_adapter else None
+    row = {"run_id": ctx.run_id, "task": cfg.task, "user_id": user.id, "query_id": query.id, "method": method,
+           "k": style.k, "peft": cfg.user_peft.kind if uses_adapter else "",
+           "retriever": cfg.retrieval.retriever if style.retrieval else "", "prompt": prompt,
+           "gold": query.gold, "retrieved_ids": [str(item.id) for item, _ in retrieved],
+           "retrieved_scores": [float(score) for _, score in retrieved], "history_size": len(history)}
+    return row, prompt, adapter
+
+
+def _store_user_metrics(ctx: _Context, users: Sequence, rows: Sequence[dict], histories: dict) -> None:
+    from oppu.metrics import score
+
+    for user in users:
+        for method in ctx.cfg.methods:
+            scored = [r for r in rows if r["user_id"] == user.id and r["method"] == method and r["gold"] is not None]
+            if not scored:
+                continue  # nothing to score (unlabelled queries): predictions are stored, metrics are not
+            metrics = score(ctx.cfg.task, [r["gold"] for r in scored], [r["output"] for r in scored])
+            ctx.store.add_user_metrics(ctx.run_id, user.id, method, {k: float(v) for k, v in metrics.items()},
+                                       len(histories[user.id]))

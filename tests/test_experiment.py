@@ -1,0 +1,171 @@
+"""run_experiment end to end on a tiny Llama and tiny in-test data: every method, resume, stop, privacy, cutoff."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from oppu.config import METHODS, GenerationConfig, ModelConfig, PeftConfig, RunConfig, TrainConfig
+from oppu.experiment import adapter_folder, adapter_styles, method_style, run_experiment
+from oppu.model import adapter_complete, read_manifest
+from oppu.store import Store
+
+FAST_USER = TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_length=128)
+FAST_ADAPT = TrainConfig(epochs=1, lr=1e-2, batch_size=8, max_length=128, max_examples=12)
+
+
+@pytest.fixture()
+def base_cfg(tiny_model_dir, tiny_data_dir, tmp_path):
+    return RunConfig(task="LaMP_2M", methods=("none", "oppu"), users=2, data_dir=str(tiny_data_dir),
+                     db=str(tmp_path / "r.duckdb"), artifacts_dir=str(tmp_path / "art"),
+                     model=ModelConfig(name=str(tiny_model_dir), device="cpu"), adaptation_train=FAST_ADAPT,
+                     user_train=FAST_USER, generation=GenerationConfig(max_new_tokens=3, batch_size=8))
+
+
+def test_every_method_runs_and_is_stored(base_cfg, tiny_users):
+    cfg = base_cfg.replace(methods=tuple(METHODS))
+    events = []
+    run_id = run_experiment(cfg, progress=lambda *a: events.append(a))
+    store = Store(cfg.db)
+    runs = store.runs()
+    assert runs.loc[runs.run_id == run_id, "status"].item() == "done"
+    preds = store.predictions_for(run_id, "alice")
+    assert len(preds) == len(METHODS) * 2  # 2 queries x 7 methods
+    assert set(preds["method"]) == set(METHODS)
+    metrics = store.run_metrics(run_id)
+    assert set(metrics["method"]) == set(METHODS)
+    _, test = tiny_users
+    top2 = sorted(test, key=lambda u: -len(u.history))[:2]
+    assert store.done_users(run_id) == {u.id for u in top2}
+    # one adapter per user and prompt style: plain, rag, pag, rag+pag
+    assert sorted(s.key for s in adapter_styles(cfg)) == ["pag", "plain", "rag", "rag+pag"]
+    for user in top2:
+        for style in adapter_styles(cfg):
+            folder = adapter_folder(cfg, run_id, user.id, style)
+            assert adapter_complete(folder)
+            manifest = read_manifest(folder)
+            assert manifest["item_ids"] and all(i.startswith(f"{user.id}-") for i in manifest["item_ids"])
+            assert manifest["item_count"] == len(user.history) and manifest["style"] == style.key
+            assert cfg.artifacts_dir not in json.dumps(manifest)  # no absolute paths in what travels
+    rag = preds[preds.method == "rag"]
+    assert all(len(ids) == 1 for ids in rag["retrieved_ids"])  # k=1 by default
+    assert all(len(ids) == 0 for ids in preds[preds.method == "oppu"]["retrieved_ids"])
+    assert all("User profile:" in p for p in preds[preds.method == "pag"]["prompt"])
+    stages = {e[0] for e in events}
+    assert "adapt:LaMP_2M" in stages and "users" in stages and any(s.startswith("user:alice:") for s in stages)
+    assert events[-1] == ("users", 2, 2, None)
+
+
+def test_gold_never_reaches_a_prompt(tiny_model_dir, tmp_path):
+    from oppu.data import Item, Query, User, write_oppu
+
+    def user(uid, n):
+        history = tuple(Item(f"{uid}-{i}", {"text": f"article {i} about rivers", "title": f"river news {i}"},
+                             f"2020-01-{i + 1:02d}") for i in range(n))
+        queries = (Query(f"{uid}-q", "Generate a headline for the following article: rivers again",
+                         gold=f"SECRETGOLD{uid}", date="2021-01-01"),)
+        return User(uid, history, queries)
+
+    write_oppu("LaMP_4", [user("o1", 4)], [user("u1", 5), user("u2", 4)], tmp_path / "data")
+    cfg = RunConfig(task="LaMP_4", methods=tuple(METHODS), users=2, data_dir=str(tmp_path / "data"),
+                    db=str(tmp_path / "r.duckdb"), artifacts_dir=str(tmp_path / "art"),
+                    model=ModelConfig(name=str(tiny_model_dir), device="cpu"), adaptation_train=FAST_ADAPT,
+                    user_train=FAST_USER, generation=GenerationConfig(max_new_tokens=3))
+    run_id = run_experiment(cfg)
+    store = Store(cfg.db)
+    for uid in ("u1", "u2"):
+        preds = store.predictions_for(run_id, uid)
+        assert len(preds) == len(METHODS)
+        assert not any("SECRETGOLD" in p for p in preds["prompt"])
+        assert set(preds["gold"]) == {f"SECRETGOLD{uid}"}
+    assert set(store.run_metrics(run_id)["metric"]) >= {"rouge-1", "rouge-L"}
+
+
+def test_resume_skips_complete_users_and_redoes_incomplete_ones(base_cfg, monkeypatch):
+    import shutil
+
+    import oppu.train
+
+    run_id = run_experiment(base_cfg)
+    store = Store(base_cfg.db)
+    first = store.predictions_for(run_id, "alice")
+    trained = []
+    real = oppu.train.train_user
+    monkeypatch.setattr(oppu.train, "train_user", lambda *a, **k: trained.append(a[3].id) or real(*a, **k))
+    assert run_experiment(base_cfg, run_id=run_id) == run_id
+    assert trained == []  # everything complete: nothing retrained
+    shutil.rmtree(adapter_folder(base_cfg, run_id, "bob", method_style(base_cfg, "oppu")))
+    run_experiment(base_cfg, run_id=run_id)
+    assert trained == ["bob"]
+    assert len(store.predictions_for(run_id, "alice")) == len(first)  # idempotent: no duplicate rows
+    runs = store.runs()
+    assert runs.loc[runs.run_id == run_id, "status"].item() == "done"
+
+
+def test_should_stop_cancels_and_resume_finishes(base_cfg):
+    run_id = run_experiment(base_cfg, should_stop=lambda: True)
+    store = Store(base_cfg.db)
+    runs = store.runs()
+    assert runs.loc[runs.run_id == run_id, "status"].item() == "cancelled"
+    assert store.done_users(run_id) == set()
+    run_experiment(base_cfg, run_id=run_id)
+    assert store.done_users(run_id) == {"alice", "bob"}
+
+
+def test_privacy_training_b_leaves_a_untouched(base_cfg, tiny_data_dir):
+    cfg_a = base_cfg.replace(user_ids=("alice",), task_adaptation=False)
+    run_id = run_experiment(cfg_a)
+    folder_a = adapter_folder(cfg_a, run_id, "alice", method_style(cfg_a, "oppu"))
+    before = {p.name: p.read_bytes() for p in folder_a.iterdir()}
+    cfg_b = cfg_a.replace(user_ids=("bob",))
+    run_experiment(cfg_b, run_id=run_id)
+    assert {p.name: p.read_bytes() for p in folder_a.iterdir()} == before
+    manifest_b = read_manifest(adapter_folder(cfg_b, run_id, "bob", method_style(cfg_b, "oppu")))
+    assert manifest_b["item_ids"] and all(i.startswith("bob-") for i in manifest_b["item_ids"])
+    assert read_manifest(folder_a)["data_hash"] != manifest_b["data_hash"]
+
+
+def test_history_cutoff_limits_training_and_retrieval(base_cfg):
+    cfg = base_cfg.replace(methods=("rag", "oppu"), user_ids=("alice",), history_cutoff="2020-01-04",
+                           task_adaptation=False)
+    run_id = run_experiment(cfg)
+    preds = Store(cfg.db).predictions_for(run_id, "alice")
+    assert set(preds["history_size"]) == {3}
+    assert all(i in {"alice-h0", "alice-h1", "alice-h2"} for ids in preds["retrieved_ids"] for i in ids)
+    manifest = read_manifest(adapter_folder(cfg, run_id, "alice", method_style(cfg, "oppu")))
+    assert manifest["item_ids"] == ["alice-h0", "alice-h1", "alice-h2"]
+
+
+@pytest.mark.parametrize("kind", ["ia3", "prompt"])
+def test_other_peft_kinds_run_end_to_end(base_cfg, kind):
+    cfg = base_cfg.replace(methods=("oppu", "oppu+rag"), users=1, task_adaptation=False,
+                           user_peft=PeftConfig(kind=kind, num_virtual_tokens=4))
+    run_id = run_experiment(cfg)
+    preds = Store(cfg.db).predictions_for(run_id, "alice")
+    assert set(preds["peft"]) == {kind} and len(preds) == 4
+
+
+def test_text_only_history_drops_labels_from_retrieved_items(base_cfg):
+    cfg = base_cfg.replace(methods=("rag",), user_ids=("alice",), history_format="text_only",
+                           task_adaptation=False)
+    prompts = Store(cfg.db).predictions_for(run_experiment(cfg), "alice")["prompt"]
+    assert all("Past items of this user:" in p and "tag: comedy\n" not in p.split("\n\n")[0] for p in prompts)
+    past = [p.split("\n\n")[0] for p in prompts]
+    assert not any(f"tag: {t}" in block for block in past for t in ("comedy", "action", "romance"))
+
+
+def test_sweep_configs_cover_the_papers_analyses(base_cfg):
+    from oppu.analyses import SWEEPS, sweep_configs
+
+    assert set(SWEEPS) == {"k", "activity", "peft", "history-format", "behaviour-shift"}
+    ks = sweep_configs("k", base_cfg)
+    assert [c.retrieval.k for c in ks] == [0, 1, 2, 4, 8] and all(c.tag == "k-sweep" for c in ks)
+    assert {c.user_peft.kind for c in sweep_configs("peft", base_cfg)} == {"lora", "ia3", "prompt"}
+    assert {c.history_format for c in sweep_configs("history-format", base_cfg)} == {"full", "text_only"}
+    (activity,) = sweep_configs("activity", base_cfg)
+    assert activity.users >= base_cfg.users
+    shift = sweep_configs("behaviour-shift", base_cfg)
+    assert shift[0].history_cutoff is None and all(c.history_cutoff for c in shift[1:])
+    with pytest.raises(ValueError, match="behaviour-shift"):
+        sweep_configs("nope", base_cfg)
