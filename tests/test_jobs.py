@@ -249,26 +249,33 @@ def test_two_jobs_at_once_with_a_reader_and_a_queue(env):
 
 
 # -- the real pipeline -------------------------------------------------------------------------------------------
-def test_real_run_experiment_job_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path):
-    """The default runner end to end on the tiny model: progress from the real pipeline, kill -9 during the
-    second user, resume, no duplicate rows, and every user's adapter folder complete."""
+def test_real_pipeline_job_survives_kill_9_and_resumes(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The default runner (`run_experiment`) on the tiny model: progress from the real pipeline, kill -9 while
+    the second user trains, resume on the same run id, then no duplicate rows and every adapter complete."""
+    from oppu.config import ModelConfig, TrainConfig
     from oppu.experiment import adapter_folder, adapter_styles
     from oppu.model import adapter_complete
-    from oppu.config import ModelConfig, TrainConfig
 
     cfg = RunConfig(task="LaMP_2M", user_ids=("alice", "bob", "carol"), methods=("none", "oppu"),
                     data_dir=str(tiny_data_dir), db=str(tmp_path / "r.duckdb"),
                     artifacts_dir=str(tmp_path / "artifacts"), model=ModelConfig(name=str(tiny_model_dir)),
-                    task_adaptation=False, user_train=TrainConfig(epochs=1, batch_size=2, max_length=64))
+                    task_adaptation=False, user_train=TrainConfig(epochs=8, batch_size=1, max_length=64))
     root = tmp_path / "jobs"
     job_id = jobs.submit(cfg, root)
+    seen = _wait(lambda: (j := jobs.get_job(root, job_id))["user"] == "bob" and j, timeout=120, every=0.05)
+    assert seen["state"] == "running" and seen["stage"] == "train_user" and seen["loss_history"]
+    os.kill(seen["pid"], signal.SIGKILL)
+    _wait(lambda: _state(root, job_id) == "interrupted", timeout=5)
+    jobs.resume(root, job_id)
     _wait(lambda: _state(root, job_id) != "running", timeout=120, every=0.5)
     job = jobs.get_job(root, job_id)
     assert job["state"] == "done", jobs.logs(root, job_id)
-    assert job["loss_history"] and job["progress"] == 1.0
+    assert job["progress"] == 1.0 and job["attempts"] == 2
     store = Store(cfg.db)
-    expected = sum(len(u.queries) for u in _users(tiny_data_dir)) * 2
+    expected = sum(len(u.queries) for u in _users(tiny_data_dir)) * len(cfg.methods)
     assert store.prediction_count(job_id) == expected
+    assert store.done_users(job_id) == set(cfg.user_ids)
+    assert store.runs().set_index("run_id").loc[job_id, "status"] == "done"
     for user in cfg.user_ids:
         for style in adapter_styles(cfg):
             assert adapter_complete(adapter_folder(cfg, job_id, user, style))
