@@ -182,6 +182,9 @@ def _dead_reason(job: dict[str, Any], folder: Path) -> str | None:
 
 def _reconcile(root: str | os.PathLike[str]) -> None:
     """Mark dead running jobs interrupted and start queued jobs while worker slots are free (call under lock)."""
+    for pid, child in list(_children.items()):  # reap workers we started that have exited: no zombies pile up
+        if child.poll() is not None:
+            _children.pop(pid, None)
     jobs = []
     for folder in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
         if not _JOB_ID.fullmatch(folder.name) or not (folder / "job.json").is_file():

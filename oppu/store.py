@@ -528,6 +528,11 @@ class Store:
                         range(?) t(i)""",
                 [users_per_run, users_per_run * len(methods), methods, len(methods), users_per_run, _utcnow(),
                  f"synthetic-{seed}-%", per_run])
+            con.execute(
+                """INSERT INTO train_curves
+                   SELECT r.run_id, 'u' || (i // 20), 'oppu:plain', 1 + i % 20, 3.0 / (1 + i % 20), ?
+                   FROM (SELECT run_id FROM runs WHERE run_id LIKE ?) r, range(?) t(i)""",
+                [_utcnow(), f"synthetic-{seed}-%", users_per_run * 20])
 
         self._write(write)
 

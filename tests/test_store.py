@@ -7,7 +7,7 @@ import json
 import duckdb
 import pytest
 
-from oppu.store import SCHEMA_VERSION, Store, StoreError
+from oppu.store import SCHEMA_VERSION, Store, StoreError, row_score, row_score_name
 
 
 def _row(run_id="r1", user="u1", query="q1", method="none", output="comedy", gold="comedy", correct=1.0, **kw):
@@ -148,4 +148,28 @@ def test_seed_synthetic_fills_requested_rows(tmp_path):
     s.seed_synthetic(7000, runs=7)
     counts = s.counts()
     assert counts["predictions"] == 7000 and counts["runs"] == 7 and counts["tasks"] == 7
+    assert counts["train_points"] == 7 * 100 * 20
     assert not s.k_sweep("LaMP_2M").empty and not s.activity_curve("LaMP_4").empty
+
+
+@pytest.mark.parametrize(("task", "gold", "output", "expected"), [
+    ("LaMP_2M", "comedy", " comedy ", 1.0), ("LaMP_2M", "comedy", "drama", 0.0),
+    ("LaMP_3", "4", "2", 2.0), ("LaMP_3", "1", "not a number", 4.0),  # unparsable: the farther of 1 and 5
+    ("LaMP_4", "a b c d", "a b x y", 0.5), ("LaMP_2M", None, "comedy", None)])
+def test_row_score_matches_the_lamp_metric_on_one_example(task, gold, output, expected):
+    assert row_score(task, gold, output) == (None if expected is None else pytest.approx(expected))
+
+
+def test_row_score_names_follow_the_task_kind():
+    assert row_score_name("LaMP_1") == ("accuracy", False)
+    assert row_score_name("LaMP_3") == ("absolute error", True)
+    assert row_score_name("LaMP_7") == ("ROUGE-L", False)
+
+
+def test_missing_correct_is_computed_and_run_metrics_recomputed(store):
+    store.add_predictions([_row(query="q1", correct=None), _row(query="q2", output="drama", correct=None),
+                           _row(query="q3", gold=None, correct=None)])
+    got = store.predictions_for("r1", "u1").set_index("query_id")["correct"]
+    assert got["q1"] == 1.0 and got["q2"] == 0.0 and got.isna()["q3"]
+    metrics = store.compute_run_metrics("r1")
+    assert metrics["none"]["accuracy"] == 0.5  # the unlabelled query is left out
