@@ -285,3 +285,38 @@ def _users(data_dir):
     from oppu.data import load_task_data
 
     return [u for u in load_task_data(str(data_dir), "LaMP_2M").test_users if u.id in ("alice", "bob", "carol")]
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+def _oppu(*argv):
+    done = subprocess.run([sys.executable, "-m", "oppu", *argv], capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_cli_submit_show_list_logs_resume(tmp_path):
+    root = str(tmp_path / "jobs")
+    code, out, _ = _oppu("jobs", "submit", "--root", root, "--task", "LaMP_2M", "--users", "1",
+                         "--data", str(tmp_path / "no-such-data"), "--db", str(tmp_path / "r.duckdb"))
+    job_id = out.strip()
+    assert code == 0 and jobs.check_job_id(job_id)
+    _wait(lambda: _state(root, job_id) == "failed", timeout=60)
+    code, out, _ = _oppu("jobs", "show", job_id, "--root", root)
+    assert code == 0 and "failed" in out and "error:" in out and "no-such-data" in out
+    code, out, _ = _oppu("jobs", "list", "--root", root)
+    assert code == 0 and job_id in out
+    code, out, _ = _oppu("jobs", "logs", job_id, "--root", root)
+    assert code == 0 and "Traceback" in out
+    code, out, _ = _oppu("jobs", "resume", job_id, "--root", root)
+    assert code == 0 and out.strip() == job_id
+    code, _, err = _oppu("jobs", "show", "../../etc/passwd", "--root", root)
+    assert code == 2 and "invalid job id" in err
+
+
+def test_progress_line_shows_bar_user_step_loss_and_eta():
+    from oppu.commands.jobs import progress_line
+
+    line = progress_line({"state": "running", "progress": 0.5, "stage": "train_user", "user_index": 2,
+                          "users_total": 4, "step": 3, "steps_total": 8, "loss": 1.23456, "elapsed_s": 65,
+                          "eta_s": 130}, width=10)
+    assert line == ("[#####.....]  50% running · train_user · user 2 of 4 · step 3/8 · loss 1.235 · "
+                    "1m05s elapsed · ~2m10s left")

@@ -1,7 +1,7 @@
 """`oppu jobs submit|list|show|cancel|resume|logs`: background training jobs from the command line.
 
-`submit` takes the same run options as `oppu run` (it reuses `oppu.commands.run`'s argument builder when that
-module provides `add_run_arguments` and `config_from_args`; a minimal builder stands in otherwise).
+`submit` takes the same run options as `oppu run` (`oppu.commands.run.add_run_arguments` / `config_from_args`),
+queues the run and prints the job id at once; the work happens in a detached `oppu worker` process.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+from oppu.commands.run import add_run_arguments, config_from_args, usage_errors
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None, help="jobs folder (default $OPPU_JOBS or runs/jobs)")
@@ -21,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     submit = sub.add_parser("submit", parents=[common],
                             help="queue a run as a background job and return its id at once")
-    _run_arguments(submit)
+    add_run_arguments(submit)
     submit.add_argument("--backend", choices=("local", "ray"), default="local")
     submit.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     submit.add_argument("--shares", type=int, default=None, help="Ray tasks to split the users into")
@@ -36,48 +38,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     logs = sub.add_parser("logs", parents=[common], help="print a job's worker log")
     logs.add_argument("job_id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job stops")
-
-
-def _run_arguments(parser: argparse.ArgumentParser) -> None:
-    try:
-        from oppu.commands.run import add_run_arguments  # shared with `oppu run` when it provides it
-    except ImportError:
-        add_run_arguments = _minimal_run_arguments
-    add_run_arguments(parser)
-
-
-def _config(args: argparse.Namespace) -> Any:
-    try:
-        from oppu.commands.run import config_from_args
-    except ImportError:
-        config_from_args = _minimal_config
-    return config_from_args(args)
-
-
-def _minimal_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="LaMP_2M")
-    parser.add_argument("--methods", default="none,rag,oppu,oppu+rag", help="comma-separated methods")
-    parser.add_argument("--users", type=int, default=4, help="most active test users to run")
-    parser.add_argument("--user-ids", default=None, help="comma-separated user ids (overrides --users)")
-    parser.add_argument("--data-dir", default="data/demo")
-    parser.add_argument("--db", default="runs/oppu.duckdb")
-    parser.add_argument("--model", default=None, help="embedded default, a hub id or a local folder")
-    parser.add_argument("--k", type=int, default=None, help="items retrieved for RAG methods")
-    parser.add_argument("--tag", default="")
-
-
-def _minimal_config(args: argparse.Namespace) -> Any:
-    from oppu.config import ModelConfig, RetrievalConfig, RunConfig
-
-    fields: dict[str, Any] = {"task": args.task, "methods": tuple(args.methods.split(",")), "users": args.users,
-                              "data_dir": args.data_dir, "db": args.db, "tag": args.tag}
-    if args.user_ids:
-        fields["user_ids"] = tuple(u.strip() for u in args.user_ids.split(",") if u.strip())
-    if args.model:
-        fields["model"] = ModelConfig(name=args.model)
-    if args.k is not None:
-        fields["retrieval"] = RetrievalConfig(k=args.k)
-    return RunConfig(**fields)
 
 
 def progress_line(job: dict[str, Any], width: int = 30) -> str:
@@ -108,12 +68,11 @@ def _duration(seconds: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from oppu import jobs
-    from oppu.config import ConfigError
 
     root = args.root or os.environ.get("OPPU_JOBS", jobs.DEFAULT_ROOT)
     try:
         if args.action == "submit":
-            job_id = jobs.submit(_config(args), root, backend=args.backend, address=args.address,
+            job_id = jobs.submit(config_from_args(args), root, backend=args.backend, address=args.address,
                                  shares=args.shares, max_workers=args.max_workers)
             print(job_id)
             print(f"follow it with: oppu jobs show {job_id}   (or: oppu jobs logs {job_id} --follow)",
@@ -133,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             print(jobs.resume(root, args.job_id))
         elif args.action == "logs":
             return _logs(jobs, root, args.job_id, args.follow)
-    except (jobs.JobError, ConfigError) as err:
+    except (jobs.JobError, *usage_errors()) as err:
         print(f"oppu jobs: {err}", file=sys.stderr)
         return 2
     return 0
