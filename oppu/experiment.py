@@ -25,7 +25,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,36 @@ Progress = Callable[[str, int, int, float | None], None]
 USERS_PER_CHUNK = 4
 """Users trained before one mixed-adapter generation pass: rows of several users share batches."""
 MODEL_CACHE = ".cache/models"
+
+
+# -- presets -------------------------------------------------------------------------------------------------
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset's partial config (keys starting with `_` are comments); ValueError names the known presets."""
+    import json
+
+    path = PRESETS_DIR / f"{name}.json"
+    if name not in list_presets():
+        raise ValueError(f"unknown preset {name!r}: use one of {', '.join(list_presets())}")
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def merge_config(base: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge partial config dicts over a full one (later layers win; nested sections merge key by key)."""
+    out = dict(base)
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge_config(out[key], value)
+            else:
+                out[key] = value
+    return out
 
 
 # -- resolve -------------------------------------------------------------------------------------------------
@@ -253,11 +283,12 @@ def _train_user_adapters(ctx: _Context, user, history: Sequence, profile: str | 
                             history=history, retriever=ctx.retriever, profile=profile, adapter_key=key,
                             progress=ctx.progress, should_stop=ctx.should_stop)
         ctx.store.add_train_curve(ctx.run_id, user.id, f"oppu:{style.key}", result.curve)
-        manifest = {"run_id": ctx.run_id, "task": cfg.task, "style": style.key,
+        manifest = {"user_id": user.id, "run_id": ctx.run_id, "task": cfg.task, "style": style.key,
                     "methods": [m for m in cfg.methods if METHODS[m][0] and method_style(cfg, m) == style],
                     "config": portable_config(cfg), "data_fingerprint": ctx.fingerprint,
                     "data_hash": result.data_hash, "item_ids": result.item_ids, "item_count": len(result.item_ids),
-                    "examples": result.examples, "train_loss": result.final_loss, "train_curve": result.curve}
+                    "examples": result.examples, "final_loss": result.final_loss, "train_curve": result.curve,
+                    "peft": asdict(cfg.user_peft), "train": asdict(cfg.user_train)}
         save_user_adapter(ctx.pool, key, adapter_folder(cfg, ctx.run_id, user.id, style), manifest)
 
 

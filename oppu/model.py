@@ -415,7 +415,8 @@ def save_user_adapter(pool: AdapterPool, user_id: str, folder: str | os.PathLike
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         _write_adapter_files(pool, user_id, tmp)
-        body = {**manifest, "user_id": user_id, "adapter_name": pool.name_of(user_id), "peft_kind": pool.kind,
+        # The manifest may name the real user id when the pool key is more specific (one adapter per style).
+        body = {"user_id": user_id, **manifest, "adapter_name": pool.name_of(user_id), "peft_kind": pool.kind,
                 "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True, default=str))
         old = None

@@ -1,0 +1,164 @@
+"""`oppu run`: one experiment end to end, with a progress bar and the metric table at the end.
+
+Layers: arguments -> `RunConfig` (defaults < `--preset` < flags) -> `run_experiment` -> table. Bad inputs
+(unknown task, method, user, preset, a missing data folder) end with one line on stderr and exit status 2.
+`config_from_args` and `add_run_arguments` are shared with `oppu sweep`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+
+def usage_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (reported in one line), as opposed to bugs (which keep their traceback)."""
+    from oppu.config import ConfigError
+    from oppu.data import DataError, UnknownUserError
+    from oppu.model import ModelLoadError
+    from oppu.store import StoreError
+    from oppu.tasks import UnknownTaskError
+
+    return ConfigError, DataError, UnknownUserError, UnknownTaskError, ModelLoadError, StoreError
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that build a RunConfig; every default is None so only flags actually given override the preset."""
+    add = parser.add_argument
+    add("--task", help="LaMP task id (LaMP_1, LaMP_2N, LaMP_2M, LaMP_3, LaMP_4, LaMP_5, LaMP_7)")
+    add("--methods", help="comma list of: none, rag, pag, oppu, oppu+rag, oppu+pag, oppu+rag+pag")
+    add("--users", type=int, help="number of most active test users")
+    add("--user-ids", help="comma list of user ids (instead of --users)")
+    add("--k", type=int, help="retrieved items for retrieval methods")
+    add("--retriever", help="bm25, dense or recency")
+    add("--peft", help="personal module: lora, ia3 or prompt")
+    add("--rank", type=int, help="LoRA rank of the personal adapters")
+    add("--epochs", type=int, help="epochs of per-user training")
+    add("--lr", type=float, help="learning rate of per-user training")
+    add("--model", help="embedded:SmolLM2-135M-Instruct (default), a hub id or a local model folder")
+    add("--device", help="auto, cpu or cuda")
+    add("--data", help="data folder holding <task id>/ in the OPPU layout (default data/demo)")
+    add("--db", help="results store (default runs/oppu.duckdb)")
+    add("--artifacts", help="adapters and caches (default runs/artifacts)")
+    add("--preset", help="a preset in oppu/presets (e.g. quick, paper); flags override it")
+    add("--cutoff", help="behaviour shift: only history dated before this ISO date")
+    add("--history-format", help="full or text_only")
+    add("--no-adapt", action="store_true", default=None, help="skip task adaptation of the base model")
+    add("--tag", help="free text grouping runs")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def config_from_args(args: argparse.Namespace):
+    """The RunConfig these flags describe (raises ConfigError / ValueError with a fix-it message)."""
+    from oppu.config import RunConfig
+    from oppu.experiment import load_preset, merge_config
+
+    preset = load_preset(args.preset) if getattr(args, "preset", None) else {}
+    flags: dict[str, Any] = {}
+
+    def put(path: str, value: Any) -> None:
+        if value is None:
+            return
+        *parents, leaf = path.split(".")
+        node = flags
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    put("task", args.task)
+    put("methods", _csv(args.methods) if args.methods else None)
+    put("users", args.users)
+    if args.user_ids:
+        put("user_ids", _csv(args.user_ids))
+    elif args.users is not None:
+        flags["user_ids"] = None
+    put("retrieval.k", args.k)
+    put("retrieval.retriever", args.retriever)
+    put("user_peft.kind", args.peft)
+    put("user_peft.r", args.rank)
+    put("user_train.epochs", args.epochs)
+    put("user_train.lr", args.lr)
+    put("model.name", args.model)
+    put("model.device", args.device)
+    put("data_dir", args.data)
+    put("db", args.db)
+    put("artifacts_dir", args.artifacts)
+    put("history_cutoff", args.cutoff)
+    put("history_format", args.history_format)
+    put("task_adaptation", False if args.no_adapt else None)
+    put("tag", args.tag)
+    return RunConfig.from_dict(merge_config(RunConfig().to_dict(), preset, flags))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+    parser.add_argument("--run-id", help="resume this run (users already complete are skipped)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class ProgressBar:
+    """tqdm over users; training steps show as the bar's postfix."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, stage: str, step: int, total: int, loss: float | None) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total if stage == "users" else None, unit="user", file=sys.stderr, dynamic_ncols=True)
+        if stage == "users":
+            self.bar.total = total
+            self.bar.n = step
+            self.bar.refresh()
+        else:
+            self.bar.set_postfix_str(f"{stage} {step}/{total} loss {loss:.3f}" if loss is not None else stage)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def metric_table(frame) -> str:
+    """method x metric table of a run's metrics (a `Store.run_metrics` frame)."""
+    if frame.empty:
+        return "(no metrics: no scored predictions)"
+    wide = frame.pivot(index="method", columns="metric", values="value")
+    return wide.to_string(float_format=lambda v: f"{v:.4f}")
+
+
+def fail(command: str, exc: BaseException) -> int:
+    """One line on stderr, exit status 2: how every command reports bad input."""
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    print(f"oppu {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from oppu.experiment import run_experiment
+    from oppu.store import Store
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:  # ConfigError and unknown presets
+        return fail("run", exc)
+    bar = ProgressBar(not args.quiet)
+    try:
+        run_id = run_experiment(cfg, progress=bar, run_id=args.run_id)
+    except usage_errors() as exc:
+        return fail("run", exc)
+    finally:
+        bar.close()
+    store = Store(cfg.db)
+    status = store.runs().set_index("run_id").loc[run_id, "status"]
+    print(f"run {run_id} ({cfg.task}, {status})")
+    print(metric_table(store.run_metrics(run_id)))
+    return 0
