@@ -1,0 +1,144 @@
+"""Training loops: answer-only loss, per-user examples from the user's own history, seeding, stop, caching."""
+
+from __future__ import annotations
+
+import pytest
+
+from oppu.config import PeftConfig, TrainConfig
+from oppu.model import AdapterPool
+from oppu.retrieval import get_retriever
+from oppu.tasks import get_task
+from oppu.train import (Example, PromptStyle, StopRequested, adapt_task, adaptation_examples, answer_end_ids,
+                        encode_example, train_user, train_users, user_examples)
+
+TASK = get_task("LaMP_2M")
+FAST = TrainConfig(epochs=2, lr=1e-2, batch_size=4, max_length=128)
+RAG = PromptStyle(retrieval=True, k=1)
+
+
+def _weights(pool, key):
+    return [p.detach().clone() for p in pool.trainable_parameters(key)]
+
+
+def test_encode_masks_the_prompt_and_ends_with_the_turn_end(tiny_model):
+    _, tok = tiny_model
+    ids, labels = encode_example(tok, Example("description: space\ntag:", "comedy", "x"), 128, answer_end_ids(tok))
+    answer = [t for t in labels if t != -100]
+    assert len(ids) == len(labels) and labels[: len(ids) - len(answer)] == [-100] * (len(ids) - len(answer))
+    assert answer[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(answer[:-1]) == "comedy"
+    long_ids, long_labels = encode_example(tok, Example("word " * 400, "comedy", "x"), 64, answer_end_ids(tok))
+    assert len(long_ids) <= 64 and [t for t in long_labels if t != -100] == answer  # the prompt is cut, not the answer
+
+
+def test_user_examples_use_only_that_users_items_and_earlier_retrievals(tiny_users):
+    _, test = tiny_users
+    alice = test[0]
+    plain = user_examples(TASK, alice.history, PromptStyle())
+    assert [e.source_id for e in plain] == [i.id for i in alice.history]
+    assert [e.target for e in plain] == [i.fields["tag"] for i in alice.history]
+    seen = []
+
+    class Recording:
+        def retrieve(self, query_text, items, k, before=None):
+            seen.append([i.id for i in items])
+            return get_retriever("bm25", TASK.format_item).retrieve(query_text, items, k, before)
+
+    rag = user_examples(TASK, alice.history, RAG, Recording())
+    assert "Past items" not in rag[0].prompt  # the first item has nothing earlier to retrieve
+    assert all("Past items" in e.prompt for e in rag[1:])
+    ids = [i.id for i in alice.history]
+    assert seen == [ids[:n] for n in range(1, len(ids))]  # only strictly earlier items of the same user
+
+
+def test_train_user_learns_is_seeded_and_reports_progress(tiny_model, tiny_users):
+    model, tok = tiny_model
+    _, test = tiny_users
+    pool = AdapterPool(model)
+    events = []
+    result = train_user(pool, tok, TASK, test[0], PromptStyle(), PeftConfig(), FAST,
+                        progress=lambda *e: events.append(e))
+    assert len(result.curve) == 4 and result.examples == 8  # 8 items, batch 4, 2 epochs
+    assert events[-1][:3] == ("user:alice:plain", 4, 4) and events[-1][3] == result.curve[-1][1]
+    assert result.item_ids == [i.id for i in test[0].history] and len(result.data_hash) == 16
+    first = _weights(pool, "alice")
+    again = train_user(pool, tok, TASK, test[0], PromptStyle(), PeftConfig(), FAST)
+    assert again.curve == result.curve
+    assert all((a == b).all() for a, b in zip(first, _weights(pool, "alice")))
+    longer = train_user(pool, tok, TASK, test[0], PromptStyle(), PeftConfig(), TrainConfig(
+        epochs=8, lr=1e-2, batch_size=8, max_length=128))
+    assert longer.curve[-1][1] < longer.curve[0][1]  # it fits the user's items
+
+
+@pytest.mark.parametrize("kind", ["ia3", "prompt"])
+def test_other_peft_kinds_train(tiny_model, tiny_users, kind):
+    model, tok = tiny_model
+    pool = AdapterPool(model)
+    pool.add("probe", PeftConfig(kind=kind, num_virtual_tokens=4))
+    pool.delete("probe")
+    result = train_user(pool, tok, TASK, tiny_users[1][1], PromptStyle(), PeftConfig(kind=kind, num_virtual_tokens=4),
+                        FAST)
+    assert result.curve and all(loss == loss for _, loss in result.curve)  # finite
+
+
+def test_training_b_does_not_touch_a(tiny_model, tiny_users):
+    model, tok = tiny_model
+    _, test = tiny_users
+    pool = AdapterPool(model)
+    train_user(pool, tok, TASK, test[0], PromptStyle(), PeftConfig(), FAST)
+    before = _weights(pool, "alice")
+    results = train_users(pool, tok, TASK, [test[1], test[2]], PromptStyle(), PeftConfig(), FAST)
+    assert all((a == b).all() for a, b in zip(before, _weights(pool, "alice")))
+    assert results["bob"].item_ids == [i.id for i in test[1].history]
+    assert results["carol"].item_ids == [i.id for i in test[2].history]
+
+
+def test_should_stop_raises_between_steps(tiny_model, tiny_users):
+    model, tok = tiny_model
+    pool = AdapterPool(model)
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(StopRequested, match="step 2"):
+        train_user(pool, tok, TASK, tiny_users[1][0], PromptStyle(), PeftConfig(), FAST, should_stop=stop)
+
+
+def test_adaptation_examples_are_bounded_seeded_and_from_other_users(tiny_users):
+    train, _ = tiny_users
+    styles = [PromptStyle(), RAG]
+    retriever = get_retriever("bm25", TASK.format_item)
+    a = adaptation_examples(TASK, train, styles, retriever, seed=1, max_examples=10)
+    b = adaptation_examples(TASK, train, styles, retriever, seed=1, max_examples=10)
+    assert a == b and len(a) == 10
+    assert {e.source_id.split("/")[0] for e in a} <= {u.id for u in train}
+    everything = adaptation_examples(TASK, train, [PromptStyle()], None, seed=0, max_examples=None)
+    assert len(everything) == sum(len(u.history) + len(u.queries) for u in train)
+
+
+def test_adapt_task_is_cached_and_merged(tiny_model_dir, tiny_users, tmp_path):
+    import torch
+
+    from oppu.config import ModelConfig
+    from oppu.model import load_model
+
+    train, _ = tiny_users
+    kwargs = dict(model_name="tiny", data_fingerprint="fp", retriever=None)
+    peft_cfg = PeftConfig(target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=8, max_length=128, max_examples=16)
+    model, tok = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    original = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    first = adapt_task(model, tok, TASK, train, [PromptStyle()], peft_cfg, cfg, tmp_path, **kwargs)
+    assert not first.cached and first.curve and type(first.model).__name__ == "LlamaForCausalLM"
+    merged = first.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    assert not torch.equal(original, merged)
+    model2, _ = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    second = adapt_task(model2, tok, TASK, train, [PromptStyle()], peft_cfg, cfg, tmp_path, **kwargs)
+    assert second.cached and second.folder == first.folder
+    assert torch.allclose(second.model.model.layers[0].self_attn.q_proj.weight, merged, atol=1e-6)
+    model3, _ = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    other = adapt_task(model3, tok, TASK, train, [PromptStyle()], peft_cfg, cfg, tmp_path,
+                       model_name="tiny", data_fingerprint="changed", retriever=None)
+    assert not other.cached and other.folder != first.folder  # new data, new adapter
