@@ -21,7 +21,7 @@ PAGES = [
 
 st.set_page_config(page_title="OPPU Studio", page_icon=":material/person:", layout="wide")
 page = st.navigation(PAGES)
-with st.sidebar:
+with st.sidebar.expander("Folders", icon=":material/folder:"):
     where = paths()
     st.caption(f"data `{where.data}`  \nstore `{where.db}`  \njobs `{where.jobs}`  \nadapters `{where.artifacts}`")
 page.run()

@@ -8,7 +8,9 @@ import pandas as pd
 
 from dashboard.charts import method_label, sort_methods
 
-CORRECT, WRONG = "✅", "❌"
+# Plain check marks (not emoji): they render with ordinary fonts, also in headless browsers without emoji fonts.
+CORRECT, WRONG = "✓", "✗"
+_CELL_COLORS = {CORRECT: "background-color: #EBFBEE; color: #2B8A3E", WRONG: "background-color: #FFF5F5; color: #C92A2A"}
 
 
 def user_sizes(data) -> pd.DataFrame:
@@ -38,6 +40,11 @@ def mark(output: str, score: float | None, kind: str) -> str:
     if kind == "rating":
         return f"{CORRECT if score == 0 else WRONG} {output}  (off by {score:g})"
     return f"{output}  ·  ROUGE-L {score:.2f}"
+
+
+def mark_style(cell) -> str:
+    """CSS for one side-by-side cell: green when marked correct, red when marked wrong."""
+    return _CELL_COLORS.get(str(cell)[:1], "")
 
 
 def side_by_side(predictions: pd.DataFrame, kind: str, methods_first: Sequence[str] = ()) -> pd.DataFrame:

@@ -401,19 +401,36 @@ def task_data(task: str):
     return _task_data(str(paths().data), task)
 
 
+# Orderings of the Data explorer's user list: keyword arguments of DataFrame.sort_values over `user_sizes`.
+USER_ORDERS: dict[str, dict] = {
+    "most active first": {"by": ["history_size", "user_id"], "ascending": [False, True]},
+    "least active first": {"by": ["history_size", "user_id"], "ascending": [True, True]},
+    "by id": {"by": ["user_id"], "ascending": [True]},
+}
+
+
 # -- widgets ----------------------------------------------------------------------------------------------------
 
 
+def latest_task() -> str | None:
+    """Task of the newest stored run, the natural default while nothing else was chosen."""
+    runs = query("latest_runs", 1)
+    return None if runs.empty else str(runs["task"].iloc[0])
+
+
 def task_picker(tasks: list[str], key: str, label: str = "Task") -> str | None:
-    """A task selectbox that starts on `?task=` from the URL when it names one of `tasks`."""
+    """A task selectbox starting on `?task=` from the URL, else the task chosen on another page, else the task
+    of the newest run, else the first; the choice carries over to the other pages."""
     from oppu.tasks import get_task
 
     if not tasks:
         return None
-    wanted = st.query_params.get("task")
-    index = tasks.index(wanted) if wanted in tasks else 0
-    return st.selectbox(label, tasks, index=index, key=key,
-                        format_func=lambda t: f"{t} · {get_task(t).name.replace('_', ' ')}")
+    candidates = (st.query_params.get("task"), st.session_state.get("_task"), latest_task())
+    index = next((tasks.index(t) for t in candidates if t in tasks), 0)
+    choice = st.selectbox(label, tasks, index=index, key=key,
+                          format_func=lambda t: f"{t} · {get_task(t).name.replace('_', ' ')}")
+    st.session_state["_task"] = choice
+    return choice
 
 
 def pick(label: str, options: list, key: str, url_param: str | None = None, **kwargs):
@@ -437,14 +454,14 @@ def download_chart(fig, frame: pd.DataFrame, stem: str) -> None:
 
     The files are built only when clicked (deferred callables): a self-contained HTML carries plotly.js (~4 MB).
     """
-    cols = st.columns([1, 1, 4])
-    cols[0].download_button("CSV", frame.to_csv(index=False).encode(), f"{stem}.csv", "text/csv",
+    row = st.container(horizontal=True)
+    row.download_button("CSV", frame.to_csv(index=False).encode(), f"{stem}.csv", "text/csv",
                             key=f"csv-{stem}", icon=":material/download:", on_click="ignore")
     if _kaleido_works():
-        cols[1].download_button("PNG", lambda: fig.to_image(format="png", scale=2), f"{stem}.png", "image/png",
+        row.download_button("PNG", lambda: fig.to_image(format="png", scale=2), f"{stem}.png", "image/png",
                                 key=f"png-{stem}", icon=":material/image:", on_click="ignore")
     else:
-        cols[1].download_button(
+        row.download_button(
             "HTML", lambda: fig.to_html(include_plotlyjs=True, full_html=True).encode(), f"{stem}.html",
             "text/html", key=f"html-{stem}", icon=":material/code:", on_click="ignore",
             help="PNG export needs the optional `kaleido` package and a local Chrome/Chromium, not found here; "

@@ -58,11 +58,16 @@ with widgets.friendly("read the stored runs"):
 
     from oppu.tasks import get_task
 
+    spec = get_task(task)
     st.subheader(f"Side by side · user {user_id}")
-    table = tables.side_by_side(preds, get_task(task).kind, methods_first=charts.METHOD_ORDER)
-    st.dataframe(table, hide_index=True, width="stretch", key="side-by-side",
+    # the table shows the query's own text; the full input with its instructions is in the details below
+    table = tables.side_by_side(preds.assign(input=preds["input"].map(spec.query_text)), spec.kind,
+                                methods_first=charts.METHOD_ORDER)
+    answers = [c for c in table.columns if c not in ("query", "input", "gold")]
+    st.dataframe(table.style.map(tables.mark_style, subset=answers), hide_index=True, width="stretch",
+                 key="side-by-side",
                  column_config={"query": st.column_config.TextColumn(width="small"),
-                                "input": st.column_config.TextColumn(width="large"),
+                                "input": st.column_config.TextColumn(width="medium"),
                                 "gold": st.column_config.TextColumn(width="small")})
 
     st.subheader("Inputs and retrieved items")
@@ -70,7 +75,7 @@ with widgets.friendly("read the stored runs"):
         if n == MAX_DETAILS:
             st.caption(f"Details of the first {MAX_DETAILS} queries shown; the table above has them all.")
             break
-        with st.expander(f"Query {query_id} · gold: {rows['gold'].iloc[0]}"):
+        with st.expander(f"Query {query_id} · gold: {rows['gold'].iloc[0]}", expanded=n == 0):
             st.text(rows["input"].iloc[0])
             for _, row in rows.iterrows():
                 if row["retrieved"]:

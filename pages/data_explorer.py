@@ -27,14 +27,17 @@ with widgets.friendly(f"load {task} from {where.data}"):
         split = st.radio("Users", ["test", "train", "all"], horizontal=True, key="explore-split",
                          captions=None, help="test: the most active users, who get personal adapters; "
                                              "train: the others, used for task adaptation")
+        order = st.segmented_control("Sort", list(widgets.USER_ORDERS), default="most active first",
+                                     key="explore-sort") or "most active first"
         shown = sizes if split == "all" else sizes[sizes["split"] == split]
+        shown = shown.sort_values(**widgets.USER_ORDERS[order], ignore_index=True)
         if search:
             shown = shown[shown["user_id"].str.contains(search.strip(), case=False, regex=False)]
         if shown.empty:
             st.info(f"No {'' if split == 'all' else split + ' '}user id contains {search!r}.")
             st.stop()
         options = list(shown["user_id"])
-        user_id, unknown = widgets.pick("User (most active first)", options, key="explore-user", url_param="user",
+        user_id, unknown = widgets.pick("User", options, key="explore-user", url_param="user",
                                         format_func=lambda u: f"{u} · {int(shown.set_index('user_id').at[u, 'history_size'])} items")
         if unknown is not None:
             st.warning(f"User {unknown!r} from the link is not among these users; showing {user_id} instead.")

@@ -44,7 +44,10 @@ with widgets.friendly("read the latest runs"):
         st.info("No runs yet. Start the quick demo above, submit a job on **Train**, or run "
                 "`oppu run --task LaMP_2M --users 4` in a terminal.")
     else:
-        st.dataframe(runs, hide_index=True, width="stretch")
+        st.dataframe(runs[["run_id", "created", "status", "task", "tag", "model", "users", "predictions", "methods"]],
+                     hide_index=True, width="stretch",
+                     column_config={"created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
+                                    "methods": st.column_config.ListColumn()})
         run_id = st.selectbox("Metrics of run", list(runs["run_id"]), key="overview-run")
         metrics = widgets.run_metrics(run_id)
         if metrics.empty:

@@ -105,12 +105,14 @@ def test_side_by_side_one_row_per_query_oppu_and_rag_first():
     assert list(table.columns) == ["query", "input", "gold", "OPPU", "RAG (retrieval only)", "Non-personalized"]
     assert list(table["query"]) == ["q1", "q2"]
     first = table.iloc[0]
-    assert first["OPPU"] == "✅ comedy" and first["Non-personalized"] == "❌ action" and first["gold"] == "comedy"
+    assert first["OPPU"] == "✓ comedy" and first["Non-personalized"] == "✗ action" and first["gold"] == "comedy"
+    assert "2B8A3E" in tables.mark_style(first["OPPU"]) and "C92A2A" in tables.mark_style(first["Non-personalized"])
+    assert tables.mark_style("comedy") == ""
 
 
 def test_marks_for_ratings_and_generation():
-    assert tables.mark("4", 1.0, "rating") == "❌ 4  (off by 1)"
-    assert tables.mark("5", 0.0, "rating").startswith("✅")
+    assert tables.mark("4", 1.0, "rating") == "✗ 4  (off by 1)"
+    assert tables.mark("5", 0.0, "rating").startswith("✓")
     assert tables.mark("a title", 0.4167, "generation") == "a title  ·  ROUGE-L 0.42"
     assert tables.mark("x", None, "classification") == "x"
 

@@ -157,9 +157,12 @@ def test_compare_shows_methods_side_by_side_and_filters_to_disagreements(populat
     alice = tiny_task_data.user("alice")
     assert list(table.columns[:5]) == ["query", "input", "gold", "OPPU", "RAG (retrieval only)"]
     assert list(table["query"]) == [q.id for q in alice.queries]
-    assert list(table["input"]) == [q.input for q in alice.queries]  # the query text, not the prompt
-    assert all(cell.startswith("✅") for cell in table["OPPU"])
-    assert all(cell.startswith("❌") for cell in table["Non-personalized"])
+    from oppu.tasks import get_task
+
+    # the query's own text (the description), not the instruction boilerplate nor the prompt
+    assert list(table["input"]) == [get_task("LaMP_2M").query_text(q.input) for q in alice.queries]
+    assert all(cell.startswith("✓") for cell in table["OPPU"])
+    assert all(cell.startswith("✗") for cell in table["Non-personalized"])
     # retrieved items carry their text from the user's history and their score
     retrieved = at.dataframe[1].value
     assert retrieved.iloc[0]["id"] == alice.history[0].id and retrieved.iloc[0]["score"] == 1.5
@@ -204,6 +207,9 @@ def test_data_explorer_shows_the_chosen_users_history_and_position(populated, ti
     assert histogram.layout.shapes[0].x0 == len(bob.history)
     users = (*tiny_task_data.test_users, *tiny_task_data.train_users)
     assert sorted(values(histogram.data[0].x)) == sorted(len(u.history) for u in users)
+
+    at.segmented_control(key="explore-sort").set_value("least active first").run()
+    assert at.selectbox(key="explore-user").options[0].startswith("carol")  # 4 items, the fewest
 
     at.text_input(key="explore-search").set_value("car").run()
     assert at.selectbox(key="explore-user").options == ["carol · 4 items"]
