@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         [f"seeding {args.rows:,} rows with INSERT ... SELECT FROM range(): {seed_ms / 1000:.1f} s",
          f"slowest dashboard query (cold or warm): {worst:.0f} ms, target {TARGET_MS:.0f} ms: "
          + verdict(worst, TARGET_MS, higher_is_better=False),
-         "each call opens and closes its own read-only connection under the shared flock (what the dashboard "
-         "pays); `ratio` = 300 ms / median"],
+         ("each call opens and closes its own read-only connection under the shared flock (what the dashboard "
+          "pays); `ratio` = 300 ms / median")],
         write=not args.no_write)
     return 0 if worst <= TARGET_MS else 1
 

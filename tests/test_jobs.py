@@ -251,7 +251,7 @@ def test_two_jobs_at_once_with_a_reader_and_a_queue(env):
 # -- the real pipeline -------------------------------------------------------------------------------------------
 def test_real_pipeline_job_survives_kill_9_and_resumes(tiny_model_dir, tiny_data_dir, tmp_path):
     """The default runner (`run_experiment`) on the tiny model: progress from the real pipeline, kill -9 while
-    the second user trains, resume on the same run id, then no duplicate rows and every adapter complete."""
+    personal adapters train, resume on the same run id, then no duplicate rows and every adapter complete."""
     from oppu.config import ModelConfig, TrainConfig
     from oppu.experiment import adapter_folder, adapter_styles
     from oppu.model import adapter_complete
@@ -259,10 +259,11 @@ def test_real_pipeline_job_survives_kill_9_and_resumes(tiny_model_dir, tiny_data
     cfg = RunConfig(task="LaMP_2M", user_ids=("alice", "bob", "carol"), methods=("none", "oppu"),
                     data_dir=str(tiny_data_dir), db=str(tmp_path / "r.duckdb"),
                     artifacts_dir=str(tmp_path / "artifacts"), model=ModelConfig(name=str(tiny_model_dir)),
-                    task_adaptation=False, user_train=TrainConfig(epochs=8, batch_size=1, max_length=64))
+                    task_adaptation=False, user_train=TrainConfig(epochs=4, batch_size=1, max_length=64))
     root = tmp_path / "jobs"
     job_id = jobs.submit(cfg, root)
-    seen = _wait(lambda: (j := jobs.get_job(root, job_id))["user"] == "bob" and j, timeout=120, every=0.05)
+    seen = _wait(lambda: (j := jobs.get_job(root, job_id))["stage"] == "train_user" and j, timeout=120,
+                 every=0.05)
     assert seen["state"] == "running" and seen["stage"] == "train_user" and seen["loss_history"]
     os.kill(seen["pid"], signal.SIGKILL)
     _wait(lambda: _state(root, job_id) == "interrupted", timeout=5)
@@ -289,7 +290,7 @@ def _users(data_dir):
 
 # -- command line ------------------------------------------------------------------------------------------------
 def _oppu(*argv):
-    done = subprocess.run([sys.executable, "-m", "oppu", *argv], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "oppu", *argv], check=False, capture_output=True, text=True, timeout=60)
     return done.returncode, done.stdout, done.stderr
 
 

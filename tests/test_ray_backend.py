@@ -26,10 +26,15 @@ def crashing_runner(cfg, progress=None, should_stop=None, store=None, run_id=Non
 def ray_session():
     ray = pytest.importorskip("ray")
     # Ray workers inherit the environment of the session: they import this module's runner through it
-    os.environ["PYTHONPATH"] = TESTS + os.pathsep + os.environ.get("PYTHONPATH", "")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = TESTS + os.pathsep + (old or "")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
 
 
 def _cfg(tiny_model_dir, tiny_data_dir, tmp_path, db):

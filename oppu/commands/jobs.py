@@ -43,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def progress_line(job: dict[str, Any], width: int = 30) -> str:
     """`[#####.....] 40% running · train_user · user 2 of 5 · step 3/8 · loss 1.234 · 1m05s elapsed · ~2m left`"""
     fraction = job.get("progress")
-    bar = "#" * int(round((fraction or 0) * width))
+    bar = "#" * round((fraction or 0) * width)
     parts = [f"[{bar:.<{width}}] {'?' if fraction is None else f'{fraction:4.0%}'} {job['state']}"]
     if job.get("stage"):
         parts.append(str(job["stage"]))
