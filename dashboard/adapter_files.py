@@ -1,122 +1,92 @@
-"""Personal adapter folders as the Adapters page sees them: list (from each `manifest.json`), zip, delete.
+"""Personal adapters as the Adapters page shows them: a table from the manifests, a zip to export, deletion.
 
-A user's adapter is a folder holding PEFT's files plus `manifest.json` (written by `oppu.model.save_user_adapter`).
-Task-adaptation folders also carry a manifest but no `user_id`; they are not personal and are not listed.
+The layout and the export format are those of `oppu adapters` (oppu/commands/adapters.py), whose `find` and
+`export_zip` this reuses: `ARTIFACTS/adapters/<task>/<run id>/<user>/<style>/` holds PEFT's files and
+`manifest.json`; one export zip holds one user's folder of one run.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import zipfile
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-COLUMNS = ["user_id", "task", "run", "peft", "config", "items", "final_loss", "size", "created", "path"]
+COLUMNS = ["user_id", "task", "run", "style", "methods", "peft", "items", "final_loss", "size_kib", "created",
+           "folder"]
 
 
 class AdapterFileError(ValueError):
     """An adapter folder is missing or lies outside the artifacts folder."""
 
 
-def _first(manifest: Mapping[str, Any], *keys: str) -> Any:
-    """The first of `keys` present in the manifest (tolerates the spellings different writers use)."""
-    for key in keys:
-        if manifest.get(key) is not None:
-            return manifest[key]
-    return None
-
-
-def _peft_summary(manifest: Mapping[str, Any]) -> str:
-    peft = _first(manifest, "peft", "user_peft", "peft_config") or {}
-    if not isinstance(peft, Mapping):
-        return str(peft)
-    kind = peft.get("kind") or manifest.get("peft_kind") or ""
-    parts = [str(kind)]
-    if kind == "lora":
-        parts.append(f"r={peft.get('r')} α={peft.get('alpha')}")
+def peft_summary(peft: Mapping[str, Any] | None) -> str:
+    """"lora r=8 α=8 on q_proj,v_proj" from a manifest's `peft` (a PeftConfig as a dict)."""
+    if not peft:
+        return ""
+    kind = peft.get("kind", "")
     if kind == "prompt":
-        parts.append(f"{peft.get('num_virtual_tokens')} virtual tokens")
-    elif peft.get("target_modules"):
-        parts.append("on " + ",".join(peft["target_modules"]))
-    return " ".join(p for p in parts if p)
+        return f"prompt tuning, {peft.get('num_virtual_tokens')} virtual tokens"
+    rank = f" r={peft.get('r')} α={peft.get('alpha')}" if kind == "lora" else ""
+    return f"{kind}{rank} on {','.join(peft.get('target_modules') or [])}"
 
 
-def _final_loss(manifest: Mapping[str, Any]) -> float | None:
-    loss = _first(manifest, "final_loss", "loss")
-    if loss is None:
-        losses = _first(manifest, "losses", "loss_history") or []
-        loss = losses[-1] if losses else None
-    if isinstance(loss, Mapping):
-        loss = loss.get("loss")
-    return None if loss is None else float(loss)
+def folder_kib(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1024
 
 
-def _items(manifest: Mapping[str, Any]) -> int | None:
-    value = _first(manifest, "n_items", "train_items", "items", "item_ids", "trained_on", "examples")
-    if isinstance(value, (list, tuple)):
-        return len(value)
-    return None if value is None else int(value)
+def list_adapters(artifacts: str | Path) -> pd.DataFrame:
+    """One row per personal adapter (user × run × prompt style), newest first; `folder` is the user's folder of
+    that run, the unit that export and delete act on."""
+    from oppu.commands.adapters import find
 
-
-def folder_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def list_adapters(root: str | Path) -> pd.DataFrame:
-    """One row per personal adapter under `root`, newest first (size in KiB)."""
-    root = Path(root)
     rows = []
-    for manifest_path in sorted(root.rglob("manifest.json")) if root.is_dir() else ():
-        folder = manifest_path.parent
-        if folder.name.startswith("."):  # a temp folder of an atomic write in progress
-            continue
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(manifest, Mapping) or manifest.get("user_id") is None:
-            continue
-        rows.append({
-            "user_id": str(manifest["user_id"]),
-            "task": str(_first(manifest, "task") or folder.relative_to(root).parts[0]),
-            "run": str(_first(manifest, "run_key", "run_id", "run") or folder.parent.name),
-            "peft": _first(manifest, "peft_kind") or "",
-            "config": _peft_summary(manifest),
-            "items": _items(manifest),
-            "final_loss": _final_loss(manifest),
-            "size": folder_size(folder) / 1024,
-            "created": _first(manifest, "created") or "",
-            "path": str(folder),
-        })
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    return frame.sort_values(["created", "user_id"], ascending=[False, True], ignore_index=True)
+    for entry in find(artifacts):
+        for style in entry.styles:
+            try:
+                manifest = json.loads((entry.folder / style / "manifest.json").read_text())
+            except (OSError, ValueError):
+                continue  # being rewritten by a resumed job; it shows on the next refresh
+            rows.append({"user_id": entry.user_id, "task": entry.task, "run": entry.run_id, "style": style,
+                         "methods": list(manifest.get("methods") or []),
+                         "peft": peft_summary(manifest.get("peft")),
+                         "items": manifest.get("item_count"), "final_loss": manifest.get("final_loss"),
+                         "size_kib": folder_kib(entry.folder / style), "created": entry.created,
+                         "folder": str(entry.folder)})
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _inside(folder: str | Path, root: str | Path) -> Path:
-    """The resolved folder, refusing anything outside `root` (a crafted path must never delete elsewhere)."""
-    folder, root = Path(folder).resolve(), Path(root).resolve()
-    if not folder.is_relative_to(root) or folder == root:
-        raise AdapterFileError(f"{folder} is not an adapter folder inside {root}")
-    if not (folder / "manifest.json").is_file():
-        raise AdapterFileError(f"{folder} has no manifest.json: not an OPPU adapter folder")
-    return folder
+def _user_folder(folder: str | Path, artifacts: str | Path):
+    """The `find` entry of a user's folder of one run; refuses any folder that is not one under `artifacts`."""
+    from oppu.commands.adapters import find
+
+    wanted = Path(folder).resolve()
+    for entry in find(artifacts):
+        if entry.folder.resolve() == wanted:
+            return entry
+    raise AdapterFileError(f"{folder} is not a user's adapter folder under {Path(artifacts) / 'adapters'}")
 
 
-def adapter_zip(folder: str | Path, root: str | Path) -> bytes:
-    """The adapter folder as an in-memory zip whose entries sit under the folder's own name."""
-    folder = _inside(folder, root)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, Path(folder.name) / path.relative_to(folder))
-    return buffer.getvalue()
+def manifests(folder: str | Path, artifacts: str | Path) -> dict[str, dict]:
+    """Each prompt style's manifest.json of a user's folder of one run."""
+    entry = _user_folder(folder, artifacts)
+    return {style: json.loads((entry.folder / style / "manifest.json").read_text()) for style in entry.styles}
 
 
-def delete_adapter(folder: str | Path, root: str | Path) -> None:
-    shutil.rmtree(_inside(folder, root))
+def adapter_zip(folder: str | Path, artifacts: str | Path) -> bytes:
+    """The user's folder of one run as the zip `oppu adapters export` writes (importable with `oppu adapters
+    import`)."""
+    from oppu.commands.adapters import export_zip
+
+    entry = _user_folder(folder, artifacts)
+    with tempfile.TemporaryDirectory() as tmp:
+        return export_zip(entry, Path(tmp) / "adapter.zip").read_bytes()
+
+
+def delete_adapter(folder: str | Path, artifacts: str | Path) -> None:
+    """Delete a user's adapters of one run, as `oppu adapters delete USER --run RUN` does."""
+    shutil.rmtree(_user_folder(folder, artifacts).folder)

@@ -8,7 +8,6 @@ the store while the dashboard reads it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -363,8 +362,10 @@ def adapters() -> pd.DataFrame:
     return list_adapters(paths().artifacts)
 
 
-def adapter_manifest(folder: str) -> dict:
-    return json.loads((Path(folder) / "manifest.json").read_text())
+def adapter_manifests(folder: str) -> dict[str, dict]:
+    from dashboard.adapter_files import manifests
+
+    return manifests(folder, paths().artifacts)
 
 
 def adapter_zip(folder: str) -> bytes:

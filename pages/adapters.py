@@ -1,5 +1,5 @@
-"""Adapters page: every user's personal adapter with its size, PEFT config, training items and loss; export one as
-a zip or delete it (after a confirmation) — the user owns their module."""
+"""Adapters page: every user's personal adapters with size, PEFT config, training items and final loss; export a
+user's adapters of one run as a zip or delete them after a confirmation — the user owns their module."""
 
 from __future__ import annotations
 
@@ -17,21 +17,30 @@ with widgets.friendly(f"list the adapters in {where.artifacts}"):
                 "submit a job on **Train**.")
         st.stop()
 
-    st.dataframe(adapters.drop(columns=["path"]), hide_index=True, width="stretch",
-                 column_config={"size": st.column_config.NumberColumn("size (KiB)", format="%.1f")})
-    labels = {row.path: f"{row.user_id} · {row.task} · {row.run}" for row in adapters.itertuples()}
-    chosen = st.selectbox("Adapter", list(labels), format_func=labels.get, key="adapter-pick")
-    row = adapters[adapters["path"] == chosen].iloc[0]
+    st.dataframe(adapters.drop(columns=["folder"]), hide_index=True, width="stretch",
+                 column_config={"size_kib": st.column_config.NumberColumn("size (KiB)", format="%.1f"),
+                                "final_loss": st.column_config.NumberColumn("final loss", format="%.3f"),
+                                "items": st.column_config.NumberColumn("items trained on"),
+                                "methods": st.column_config.ListColumn()})
 
-    with st.expander("manifest.json"):
-        st.json(widgets.adapter_manifest(chosen))
+    st.subheader("Export or delete")
+    folders = adapters.drop_duplicates("folder")
+    labels = {r.folder: f"user {r.user_id} · {r.task} · run {r.run}" for r in folders.itertuples()}
+    chosen = st.selectbox("A user's adapters of one run", list(labels), format_func=labels.get, key="adapter-pick")
+    row = folders[folders["folder"] == chosen].iloc[0]
+    for style, manifest in widgets.adapter_manifests(chosen).items():
+        with st.expander(f"manifest.json · {style}"):
+            st.json(manifest, expanded=1)
+
     export, delete = st.columns(2)
     export.download_button("Export as zip", lambda: widgets.adapter_zip(chosen),
                            f"adapter-{row['task']}-{row['user_id']}.zip", "application/zip",
-                           icon=":material/download:", on_click="ignore", key="adapter-export")
+                           icon=":material/download:", on_click="ignore", key="adapter-export",
+                           help="The same zip as `oppu adapters export`; `oppu adapters import` restores it.")
     with delete:
-        confirm = st.checkbox(f"Yes, delete user {row['user_id']}'s adapter for good", key=f"adapter-confirm-{chosen}")
+        confirm = st.checkbox(f"Yes, delete user {row['user_id']}'s adapters of this run for good",
+                              key=f"adapter-confirm-{chosen}")
         if st.button("Delete", disabled=not confirm, icon=":material/delete:", key="adapter-delete"):
             widgets.delete_adapter(chosen)
-            widgets.flash(f"Deleted the adapter of user {row['user_id']} ({row['task']}, run {row['run']}).")
+            widgets.flash(f"Deleted the adapters of user {row['user_id']} ({row['task']}, run {row['run']}).")
             st.rerun()

@@ -137,46 +137,53 @@ def test_duration():
 # -- adapter folders --------------------------------------------------------------------------------------------
 
 
-def _adapter(root, task, run, user, loss=0.5):
-    folder = root / task / run / user
+def make_adapter(artifacts, task, run, user, style="plain", loss=0.5):
+    """An adapter folder in the layout `oppu.experiment` writes: adapters/<task>/<run>/<user>/<style>/."""
+    folder = artifacts / "adapters" / task / run / user / style
     folder.mkdir(parents=True)
     (folder / "adapter_model.safetensors").write_bytes(b"\0" * 2048)
     (folder / "adapter_config.json").write_text("{}")
-    manifest = {"user_id": user, "task": task, "run_key": run, "peft_kind": "lora",
+    manifest = {"user_id": user, "task": task, "run_id": run, "style": style, "methods": ["oppu"],
                 "peft": {"kind": "lora", "r": 8, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                "item_ids": ["a", "b", "c"], "losses": [1.0, loss], "created": f"2024-01-0{len(user)}T00:00:00Z"}
+                "item_ids": ["a", "b", "c"], "item_count": 3, "final_loss": loss,
+                "created": f"2024-01-0{len(user)}T00:00:00Z"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
+    return folder.parent
 
 
 def test_list_zip_and_delete_adapters(tmp_path):
-    alice = _adapter(tmp_path, "LaMP_2M", "run1", "alice", loss=0.25)
-    _adapter(tmp_path, "LaMP_2M", "run1", "bob")
-    (tmp_path / "LaMP_2M" / "base").mkdir()
-    (tmp_path / "LaMP_2M" / "base" / "manifest.json").write_text("{}")  # task adaptation: no user, not listed
+    alice = make_adapter(tmp_path, "LaMP_2M", "run1", "alice", loss=0.25)
+    make_adapter(tmp_path, "LaMP_2M", "run1", "bob")
     listed = adapter_files.list_adapters(tmp_path)
     assert sorted(listed["user_id"]) == ["alice", "bob"]
     row = listed[listed["user_id"] == "alice"].iloc[0]
-    assert row["items"] == 3 and row["final_loss"] == 0.25 and row["config"] == "lora r=8 α=8 on q_proj,v_proj"
-    assert row["size"] > 2 and row["task"] == "LaMP_2M" and row["run"] == "run1"
+    assert row["items"] == 3 and row["final_loss"] == 0.25 and row["peft"] == "lora r=8 α=8 on q_proj,v_proj"
+    assert row["size_kib"] > 2 and row["task"] == "LaMP_2M" and row["run"] == "run1" and row["style"] == "plain"
+    assert adapter_files.manifests(alice, tmp_path)["plain"]["final_loss"] == 0.25
 
     with zipfile.ZipFile(BytesIO(adapter_files.adapter_zip(alice, tmp_path))) as archive:
-        assert sorted(archive.namelist()) == ["alice/adapter_config.json", "alice/adapter_model.safetensors",
-                                              "alice/manifest.json"]
+        assert sorted(archive.namelist()) == ["alice/plain/adapter_config.json",
+                                              "alice/plain/adapter_model.safetensors", "alice/plain/manifest.json"]
 
     adapter_files.delete_adapter(alice, tmp_path)
     assert not alice.exists()
     assert list(adapter_files.list_adapters(tmp_path)["user_id"]) == ["bob"]
 
 
-def test_delete_refuses_folders_outside_the_artifacts_root(tmp_path):
-    outside = _adapter(tmp_path / "elsewhere", "LaMP_2M", "r", "eve")
-    with pytest.raises(adapter_files.AdapterFileError, match="not an adapter folder inside"):
+def test_delete_refuses_folders_that_are_not_a_users_adapters(tmp_path):
+    outside = make_adapter(tmp_path / "elsewhere", "LaMP_2M", "r", "eve")
+    with pytest.raises(adapter_files.AdapterFileError, match="not a user's adapter folder"):
         adapter_files.delete_adapter(outside, tmp_path / "artifacts")
-    with pytest.raises(adapter_files.AdapterFileError, match="no manifest.json"):
-        adapter_files.delete_adapter(tmp_path / "elsewhere" / "LaMP_2M", tmp_path)
+    with pytest.raises(adapter_files.AdapterFileError):
+        adapter_files.delete_adapter(tmp_path / "elsewhere" / "adapters", tmp_path / "elsewhere")
     assert outside.exists()
 
 
 def test_empty_artifacts_folder_lists_nothing(tmp_path):
     assert adapter_files.list_adapters(tmp_path / "missing").empty
+
+
+def test_peft_summary():
+    assert adapter_files.peft_summary({"kind": "ia3", "target_modules": ["k_proj"]}) == "ia3 on k_proj"
+    assert adapter_files.peft_summary({"kind": "prompt", "num_virtual_tokens": 16}).endswith("16 virtual tokens")
+    assert adapter_files.peft_summary(None) == ""

@@ -244,27 +244,23 @@ def test_train_page_lists_jobs_and_form_rejects_bad_input(populated):
 
 
 def test_adapters_page_lists_exports_and_deletes_after_confirmation(populated):
-    root = Path(populated["OPPU_ARTIFACTS"]) / "LaMP_2M" / "run1"
-    for user in ("alice", "bob"):
-        folder = root / user
-        folder.mkdir(parents=True)
-        (folder / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
-        (folder / "manifest.json").write_text(json.dumps(
-            {"user_id": user, "task": "LaMP_2M", "run_key": "run1", "peft_kind": "lora",
-             "peft": {"kind": "lora", "r": 8, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-             "n_items": 8, "final_loss": 0.7, "created": f"2024-01-0{len(user)}"}))
+    from test_charts import make_adapter
+
+    artifacts = Path(populated["OPPU_ARTIFACTS"])
+    folders = {user: make_adapter(artifacts, "LaMP_2M", "run1", user) for user in ("alice", "bob")}
     at = page("adapters")
     listed = at.dataframe[0].value
-    assert sorted(listed["user_id"]) == ["alice", "bob"] and set(listed["items"]) == {8}
+    assert sorted(listed["user_id"]) == ["alice", "bob"] and set(listed["items"]) == {3}
     assert [b.proto.label for b in at.get("download_button")] == ["Export as zip"]
 
     chosen = at.selectbox(key="adapter-pick").value
+    assert chosen in {str(f) for f in folders.values()}
     delete = next(b for b in at.button if b.label == "Delete")
     assert delete.disabled  # nothing is deleted without the confirmation
     at.checkbox(key=f"adapter-confirm-{chosen}").check().run()
     next(b for b in at.button if b.label == "Delete").click().run()
     assert not Path(chosen).exists()
-    assert "Deleted the adapter" in at.success[0].value
+    assert "Deleted the adapters" in at.success[0].value
     assert len(at.dataframe[0].value) == 1
 
 
