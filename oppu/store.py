@@ -78,7 +78,7 @@ def _utcnow() -> datetime:
 def _is_transient(err: Exception) -> bool:
     """DuckDB errors worth retrying: another process (outside our lock) holds the file."""
     text = str(err).lower()
-    return isinstance(err, duckdb.IOException) or "lock" in text or "conflict" in text
+    return "lock" in text or "conflict" in text
 
 
 def _quote_ident(name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import duckdb
 import pytest
@@ -47,6 +48,15 @@ def test_newer_schema_is_refused_with_advice(tmp_path):
     con.close()
     with pytest.raises(StoreError, match="newer than this code"):
         Store(path)
+
+
+def test_a_file_that_is_not_a_database_is_reported_at_once(tmp_path):
+    path = tmp_path / "notes.duckdb"
+    path.write_text("these are not the results you are looking for\n" * 200)
+    start = time.monotonic()
+    with pytest.raises(StoreError, match="cannot open results store"):
+        Store(path)
+    assert time.monotonic() - start < 2  # not retried as if it were a lock held by another process
 
 
 def test_in_memory_path_is_refused():
