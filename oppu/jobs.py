@@ -224,12 +224,15 @@ def _spawn(root: str | os.PathLike[str], job: dict[str, Any]) -> None:
 # -- public API --------------------------------------------------------------------------------------------------
 def submit(cfg: Any, jobs_root: str | os.PathLike[str] = DEFAULT_ROOT, backend: str = "local", start: bool = True,
            *, address: str | None = None, shares: int | None = None, max_workers: int | None = None,
-           runner: str | None = None) -> str:
+           runner: str | None = None, check_data: bool = True) -> str:
     """Queue a run of `cfg` (a `RunConfig`) and, when `start`, start its worker if a slot is free. Returns at once
     with the job id, which is also the run id in the results store.
 
     backend: `local` (one worker process) or `ray` (users split into `shares` Ray tasks; `address` of an existing
     cluster, else a local one). runner: `module:function` called like `run_experiment` (default the real one).
+    check_data: read the task data and resolve the users now, so an unusable data folder or an unknown user id
+    is refused here (DataError, UnknownUserError) instead of failing later in the worker; nothing is written
+    before that check passes. The resolved ids are kept in job.json (`users`).
     """
     if backend not in BACKENDS:
         raise JobError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -239,10 +242,12 @@ def submit(cfg: Any, jobs_root: str | os.PathLike[str] = DEFAULT_ROOT, backend: 
         raise JobError(f"shares must be >= 1 (got {shares})")
     if max_workers is not None and max_workers < 1:
         raise JobError(f"max_workers must be >= 1 (got {max_workers})")
+    users = resolve_users(cfg) if check_data else None
     job_id = new_job_id()
     folder = job_dir(jobs_root, job_id)
     folder.mkdir(parents=True, exist_ok=False)
-    job = {"job_id": job_id, "run_id": job_id, "config": cfg.to_dict(), "backend": backend, "address": address,
+    job = {"job_id": job_id, "run_id": job_id, "config": cfg.to_dict(), "users": users, "backend": backend,
+           "address": address,
            "shares": shares, "runner": runner, "max_workers": max_workers or DEFAULT_MAX_WORKERS,
            "cwd": os.getcwd(), "state": "queued", "created": time.time(), "started": None, "finished": None,
            "pid": None, "host": None, "error": None, "traceback": None, "attempts": 0}
@@ -554,12 +559,15 @@ def split_users(user_ids: list[str], shares: int) -> list[list[str]]:
     return out
 
 
-def _job_user_ids(cfg: Any) -> list[str]:
-    if cfg.user_ids is not None:
-        return list(cfg.user_ids)
+def resolve_users(cfg: Any) -> list[str]:
+    """The test users `cfg` selects, read from its data folder (no model is loaded): `user_ids` in their order
+    (an unknown id raises UnknownUserError naming close ones), else the `users` most active."""
     from oppu.data import load_task_data
 
-    return [u.id for u in load_task_data(cfg.data_dir, cfg.task).most_active(cfg.users)]
+    data = load_task_data(cfg.data_dir, cfg.task)
+    if cfg.user_ids is not None:
+        return [data.user(uid).id for uid in cfg.user_ids]
+    return [u.id for u in data.most_active(cfg.users)]
 
 
 def _ray_share(runner_spec: str | None, config: dict[str, Any], run_id: str, folder: str, share: int) -> str:
@@ -580,7 +588,7 @@ def run_ray_job(job: dict[str, Any], cfg: Any, folder: Path, store: Any, poll_s:
 
     if not ray.is_initialized():
         ray.init(address=job.get("address") or None, include_dashboard=False, ignore_reinit_error=True)
-    users = _job_user_ids(cfg)
+    users = job.get("users") or resolve_users(cfg)
     n = job.get("shares") or max(1, int(ray.available_resources().get("CPU", 1)))
     parts = split_users(users, n)
     remote = ray.remote(num_cpus=1, max_retries=0)(_ray_share)

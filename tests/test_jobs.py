@@ -55,14 +55,16 @@ def fake_runner(cfg, progress=None, should_stop=None, store=None, run_id=None, j
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    """Worker processes import this module (the fake runner) through PYTHONPATH."""
+def env(tmp_path, monkeypatch, tiny_data_dir):
+    """Worker processes import this module (the fake runner) through PYTHONPATH; submit reads the tiny data."""
     monkeypatch.setenv("PYTHONPATH", TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("OPPU_TEST_DATA", str(tiny_data_dir))
     return tmp_path
 
 
-def _cfg(tmp_path, tag, users=("a", "b", "c"), methods=("none", "oppu")):
-    return RunConfig(task="LaMP_2M", user_ids=users, methods=methods, db=str(tmp_path / "r.duckdb"), tag=tag)
+def _cfg(tmp_path, tag, users=("alice", "bob", "carol"), methods=("none", "oppu")):
+    return RunConfig(task="LaMP_2M", user_ids=users, methods=methods, db=str(tmp_path / "r.duckdb"), tag=tag,
+                     data_dir=os.environ["OPPU_TEST_DATA"])
 
 
 def _wait(predicate, timeout=30.0, every=0.1):
@@ -140,7 +142,8 @@ def test_split_users_is_contiguous_and_complete():
     assert jobs.split_users(users[:2], 5) == [["0"], ["1"]]
 
 
-def test_submit_validates_its_options(tmp_path):
+def test_submit_validates_its_options(env):
+    tmp_path = env
     cfg = _cfg(tmp_path, "steps=1")
     with pytest.raises(jobs.JobError, match="backend"):
         jobs.submit(cfg, tmp_path / "jobs", backend="slurm")
@@ -149,12 +152,26 @@ def test_submit_validates_its_options(tmp_path):
 
 
 # -- in-process worker -------------------------------------------------------------------------------------------
-def test_failed_runner_records_error_and_traceback(tmp_path):
+def test_submit_refuses_unknown_users_and_missing_data_before_writing(env):
+    from oppu.data import DataError, UnknownUserError
+
+    root = env / "jobs"
+    with pytest.raises(UnknownUserError, match="nosuchuser"):
+        jobs.submit(_cfg(env, "steps=1", users=("alice", "nosuchuser")), root)
+    with pytest.raises(DataError):
+        jobs.submit(_cfg(env, "steps=1").replace(data_dir=str(env / "missing")), root)
+    assert not root.exists() or list(root.iterdir()) == []
+    job_id = jobs.submit(_cfg(env, "steps=1", users=("carol", "alice")), root, start=False)
+    assert jobs.get_job(root, job_id)["users"] == ["carol", "alice"]
+
+
+def test_failed_runner_records_error_and_traceback(env):
+    tmp_path = env
     root = tmp_path / "jobs"
     job_id = jobs.submit(_cfg(tmp_path, "steps=1 sleep=0 fail=1"), root, start=False)
     assert jobs.run_worker(root, job_id, runner=fake_runner) == 1
     job = jobs.get_job(root, job_id)
-    assert job["state"] == "failed" and "fake failure on user a" in job["error"]
+    assert job["state"] == "failed" and "fake failure on user alice" in job["error"]
     assert "RuntimeError" in job["traceback"]
     assert Store(tmp_path / "r.duckdb").runs().iloc[0]["status"] == "failed"
     assert jobs.run_worker(root, job_id, runner=fake_runner) == 2  # a failed job needs resume first
@@ -179,7 +196,7 @@ def test_submit_shows_progress_then_done(env):
 
 def test_cancel_stops_worker_and_keeps_finished_users(env):
     root = env / "jobs"
-    job_id = jobs.submit(_cfg(env, "steps=40 sleep=0.1", users=("a", "b")), root, runner=FAKE)
+    job_id = jobs.submit(_cfg(env, "steps=40 sleep=0.1", users=("alice", "bob")), root, runner=FAKE)
     _wait(lambda: (jobs.get_job(root, job_id)["step"] or 0) >= 2)
     t0 = time.monotonic()
     assert jobs.cancel(root, job_id) == "running"  # flagged; the worker stops at its next check
@@ -191,7 +208,7 @@ def test_cancel_stops_worker_and_keeps_finished_users(env):
 
 def test_cancel_interrupts_a_runner_that_ignores_the_flag(env):
     root = env / "jobs"
-    job_id = jobs.submit(_cfg(env, "steps=400 sleep=0.1 ignore_stop=1", users=("a",)), root, runner=FAKE)
+    job_id = jobs.submit(_cfg(env, "steps=400 sleep=0.1 ignore_stop=1", users=("alice",)), root, runner=FAKE)
     _wait(lambda: jobs.get_job(root, job_id)["stage"] == "train_user")
     jobs.cancel(root, job_id)
     _wait(lambda: _state(root, job_id) == "cancelled", timeout=jobs.CANCEL_GRACE_S + 6)
@@ -199,21 +216,21 @@ def test_cancel_interrupts_a_runner_that_ignores_the_flag(env):
 
 def test_kill_9_is_interrupted_and_resume_completes_without_duplicates(env):
     root = env / "jobs"
-    users = ("a", "b", "c")
+    users = ("alice", "bob", "carol")
     job_id = jobs.submit(_cfg(env, "steps=6 sleep=0.1", users=users), root, runner=FAKE)
     store = Store(env / "r.duckdb")
-    _wait(lambda: store.done_users(job_id) >= {"a"})
-    first = store.predictions_for(job_id, "a")["query_id"].tolist()
+    _wait(lambda: store.done_users(job_id) >= {"alice"})
+    first = store.predictions_for(job_id, "alice")["query_id"].tolist()
     os.kill(jobs.get_job(root, job_id)["pid"], signal.SIGKILL)
     _wait(lambda: _state(root, job_id) == "interrupted", timeout=5)
     assert "worker process" in jobs.get_job(root, job_id)["error"]
     jobs.resume(root, job_id)
     _wait(lambda: _state(root, job_id) == "done")
     assert store.prediction_count(job_id) == len(users) * 2 * 2
-    assert store.predictions_for(job_id, "a")["query_id"].tolist() == first
+    assert store.predictions_for(job_id, "alice")["query_id"].tolist() == first
     job = jobs.get_job(root, job_id)
     assert job["attempts"] == 2 and job["progress"] == 1.0
-    assert not any(p["user_id"] == "a" for p in job["losses"])  # the resumed attempt skipped the finished user
+    assert not any(p["user_id"] == "alice" for p in job["losses"])  # the resumed attempt skipped the finished user
     with pytest.raises(jobs.JobError, match="only interrupted, failed or cancelled"):
         jobs.resume(root, job_id)
 
@@ -294,15 +311,20 @@ def _oppu(*argv):
     return done.returncode, done.stdout, done.stderr
 
 
-def test_cli_submit_show_list_logs_resume(tmp_path):
+def test_cli_submit_show_list_logs_resume(tmp_path, tiny_data_dir):
     root = str(tmp_path / "jobs")
-    code, out, _ = _oppu("jobs", "submit", "--root", root, "--task", "LaMP_2M", "--users", "1",
-                         "--data", str(tmp_path / "no-such-data"), "--db", str(tmp_path / "r.duckdb"))
+    code, _, err = _oppu("jobs", "submit", "--root", root, "--task", "LaMP_2M", "--user-ids", "nosuchuser",
+                         "--data", str(tiny_data_dir), "--db", str(tmp_path / "r.duckdb"))
+    assert code == 2 and "nosuchuser" in err and "Traceback" not in err and not Path(root).exists()
+    # a model folder that does not exist: accepted at submit (no model is loaded there), fails in the worker
+    code, out, _ = _oppu("jobs", "submit", "--root", root, "--task", "LaMP_2M", "--users", "1", "--no-adapt",
+                         "--data", str(tiny_data_dir), "--db", str(tmp_path / "r.duckdb"),
+                         "--model", str(tmp_path / "no-such-model"))
     job_id = out.strip()
     assert code == 0 and jobs.check_job_id(job_id)
     _wait(lambda: _state(root, job_id) == "failed", timeout=60)
     code, out, _ = _oppu("jobs", "show", job_id, "--root", root)
-    assert code == 0 and "failed" in out and "error:" in out and "no-such-data" in out
+    assert code == 0 and "failed" in out and "error:" in out and "no-such-model" in out
     code, out, _ = _oppu("jobs", "list", "--root", root)
     assert code == 0 and job_id in out
     code, out, _ = _oppu("jobs", "logs", job_id, "--root", root)

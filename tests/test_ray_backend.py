@@ -73,8 +73,9 @@ def test_ray_shares_match_the_local_run(ray_session, tiny_model_dir, tiny_data_d
     assert {e.get("share") for e in jobs._events(root / job_id) if "share" in e} == {0, 1}
 
 
-def test_killed_ray_task_fails_the_job(ray_session, tmp_path):
-    cfg = RunConfig(task="LaMP_2M", user_ids=("a", "b"), methods=("none",), db=str(tmp_path / "r.duckdb"))
+def test_killed_ray_task_fails_the_job(ray_session, tmp_path, tiny_data_dir):
+    cfg = RunConfig(task="LaMP_2M", user_ids=("alice", "bob"), methods=("none",), db=str(tmp_path / "r.duckdb"),
+                    data_dir=str(tiny_data_dir))
     root = tmp_path / "jobs"
     job_id = jobs.submit(cfg, root, backend="ray", shares=2, start=False, runner="test_ray_backend:crashing_runner")
     assert jobs.run_worker(root, job_id) == 1
