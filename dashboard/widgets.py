@@ -215,7 +215,7 @@ RESUMABLE_STATES = ("cancelled", "failed", "interrupted")
 
 
 def train_config(*, task: str, n_users: int, user_ids: list[str], methods: list[str], peft_kind: str, rank: int,
-                 retriever: str, k: int, epochs: int, lr: float, model: str):
+                 retriever: str, k: int, epochs: int, lr: float, model: str, task_adaptation: bool = True):
     """The Train form's RunConfig; every check is RunConfig's own, so a bad value raises its ConfigError."""
     import dataclasses
 
@@ -228,6 +228,7 @@ def train_config(*, task: str, n_users: int, user_ids: list[str], methods: list[
         user_peft=dataclasses.replace(defaults.user_peft, kind=peft_kind, r=rank, alpha=rank),
         retrieval=RetrievalConfig(retriever=retriever, k=k),
         user_train=dataclasses.replace(defaults.user_train, epochs=epochs, lr=lr),
+        task_adaptation=task_adaptation,
     )
 
 
@@ -243,7 +244,7 @@ def jobs() -> list[dict]:
 
 def jobs_frame(job_list: list[dict]) -> pd.DataFrame:
     rows = [{"job": j["id"], "state": j["state"], "task": j.get("task"), "stage": j.get("stage"),
-             "users": f"{j.get('user_index') or 0}/{j.get('users_total') or '?'}",
+             "users done": f"{j.get('users_done') or 0}/{j.get('users_total') or '?'}",
              "elapsed": tables.duration(j.get("elapsed_s")), "run": j.get("run_id"), "error": j.get("error")}
             for j in job_list]
     return pd.DataFrame(rows)
@@ -263,9 +264,13 @@ def job_card(job: dict) -> None:
         if button.button("Cancel", key=f"cancel-{job['id']}", icon=":material/stop:"):
             core.cancel(str(paths().jobs), job["id"])
             st.toast(f"Cancelling {job['id']}: the worker stops after the current step.")
-        done, total = job.get("user_index") or 0, job.get("users_total") or 0
-        st.progress(min(done / total, 1.0) if total else 0.0,
-                    text=f"{job.get('stage') or 'starting'} · user {done} of {total or '?'} · "
+        total = job.get("users_total") or 0
+        # `progress` (0..1) counts finished users plus the current user's share of its steps
+        fraction = job.get("progress")
+        if fraction is None:
+            fraction = (job.get("users_done") or 0) / total if total else 0.0
+        st.progress(min(max(float(fraction), 0.0), 1.0),
+                    text=f"{job.get('stage') or 'starting'} · user {job.get('user_index') or 0} of {total or '?'} · "
                          f"step {job.get('step') or 0} · elapsed {tables.duration(job.get('elapsed_s'))} · "
                          f"time left {tables.duration(job.get('eta_s'))}")
         losses = _loss_frame(job)

@@ -7,7 +7,6 @@ navigation) separately. The app reads its folders from OPPU_* environment variab
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -262,6 +261,85 @@ def test_adapters_page_lists_exports_and_deletes_after_confirmation(populated):
     assert not Path(chosen).exists()
     assert "Deleted the adapters" in at.success[0].value
     assert len(at.dataframe[0].value) == 1
+
+
+def test_train_form_submits_a_real_job_whose_answers_show_on_compare(env, monkeypatch, tiny_model_dir,
+                                                                       tiny_task_data):
+    """The whole loop on the tiny model: form -> job -> worker process -> store -> Compare and Adapters."""
+    from oppu import jobs
+
+    monkeypatch.setenv("OPPU_MODEL", str(tiny_model_dir))  # the form's default model
+    at = page("train")
+    assert at.text_input(key="train-model").value == str(tiny_model_dir)
+    at.number_input(key="train-epochs").set_value(1)
+    at.number_input(key="train-n").set_value(2)
+    at.checkbox(key="train-adapt").uncheck()  # keeps the test short; the pipeline's own tests cover adaptation
+    at.button[0].click()
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    job_id = at.success[0].value.split("`")[1]
+
+    root = env["OPPU_JOBS"]
+    deadline = time.monotonic() + 240
+    while jobs.get_job(root, job_id)["state"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(1)
+    job = jobs.get_job(root, job_id)
+    assert job["state"] == "done", jobs.logs(root, job_id, tail=30)
+
+    at = page("train")
+    history = at.dataframe[0].value
+    assert history.loc[0, "job"] == job_id and history.loc[0, "state"] == "done"
+    assert history.loc[0, "users done"] == "2/2"
+    assert f"Job {job_id} finished" in texts(at)
+
+    compare = page("compare", run=job_id)
+    assert not compare.exception and not compare.error
+    table = compare.dataframe[0].value
+    user = compare.selectbox(key="compare-user").value
+    assert user == tiny_task_data.most_active(1)[0].id
+    assert list(table["query"]) == [q.id for q in tiny_task_data.user(user).queries]
+    assert {"OPPU", "RAG (retrieval only)", "OPPU + RAG", "Non-personalized"} <= set(table.columns)
+    assert all(isinstance(cell, str) and cell for cell in table["OPPU"])
+
+    adapters = page("adapters").dataframe[0].value
+    assert set(adapters["user_id"]) == {u.id for u in tiny_task_data.most_active(2)}
+    assert (adapters["run"] == job_id).all() and adapters["items"].min() >= 1
+
+
+def _card_script():
+    from dashboard import widgets
+
+    widgets.job_card({"id": "20240101-000000-abcdef", "state": "running", "task": "LaMP_2M", "stage": "train_user",
+                      "user_index": 2, "users_total": 4, "users_done": 1, "step": 3, "elapsed_s": 65, "eta_s": 130,
+                      "losses": [{"step": 1, "loss": 2.0, "user_id": "alice"},
+                                 {"step": 2, "loss": 1.5, "user_id": "alice"}]})
+
+
+def test_running_job_card_shows_stage_user_loss_and_time_left(env):
+    at = AppTest.from_function(_card_script, default_timeout=60).run()
+    assert not at.exception
+    bar = at.get("progress")[0].proto
+    assert bar.value == 25  # one user of four done
+    assert "train_user · user 2 of 4 · step 3 · elapsed 1m 05s · time left 2m 10s" in bar.text
+    assert [t.name for t in plotly_charts(at)[0].data] == ["alice"]
+    assert any(b.label == "Cancel" for b in at.button)
+
+
+def test_failed_job_shows_its_error_and_offers_resume(env, tiny_data_dir):
+    from oppu import jobs
+    from oppu.config import RunConfig
+
+    def failing_runner(cfg, progress=None, should_stop=None, store=None, run_id=None, job_id=None):
+        raise RuntimeError("the GPU caught fire")
+
+    cfg = RunConfig(task="LaMP_2M", users=1, data_dir=str(tiny_data_dir), db=str(env["OPPU_DB"]),
+                    artifacts_dir=str(env["OPPU_ARTIFACTS"]))
+    job_id = jobs.submit(cfg, env["OPPU_JOBS"], start=False)
+    jobs.run_worker(env["OPPU_JOBS"], job_id, runner=failing_runner)
+    at = page("train")
+    assert not at.exception
+    assert f"Job {job_id} failed" in at.error[0].value and "the GPU caught fire" in at.error[0].value
+    assert any(b.label == "Resume" for b in at.button)
 
 
 # -- navigation and the CLI command ---------------------------------------------------------------------------
