@@ -89,3 +89,65 @@ def state(tmp_path_factory) -> State:
     (adapter / "manifest.json").write_text('{"user_id": "u"}')
     jobs.mkdir()
     return State(root, db, artifacts, jobs)
+
+
+HOSTILE_USERS = ("../../etc/passwd", "/etc/cron.d/oppu", "a\0b", "a/b", "..", ".hidden", "~root", "C:\\x")
+"""User ids that must never become paths outside the project's folders (NUL included: JSON allows it)."""
+SECRET = "s3cr3t-token-4f9a"
+"""An environment value that must never be stored in a config, manifest or exported zip."""
+
+
+@dataclass(frozen=True)
+class HostileRun:
+    base: Path
+    """Everything the run could touch lives below it (the data, store and artifacts sit three folders deep)."""
+    home: Path
+    cfg: object
+    run_id: str
+    before: frozenset
+    after: frozenset
+
+
+def _hostile_user(uid: str, offset: int):
+    from oppu.data import Item, Query, User
+    from oppu.tasks import get_task
+
+    task = get_task("LaMP_2M")
+    tags = ("comedy", "action", "romance")
+    history = tuple(Item(f"{uid}#{i}", {"description": f"film {i} about ships and space {offset}",
+                                        "tag": tags[(i + offset) % 3]}, f"2020-01-0{i + 1}") for i in range(3))
+    return User(uid, history, (Query(f"q-{offset}", task.make_input(f"film about space {offset}"), "comedy",
+                                     "2021-01-01"),))
+
+
+@pytest.fixture(scope="session")
+def hostile_run(tmp_path_factory, tiny_model_dir) -> HostileRun:
+    """One real `run_experiment` on the tiny model whose test users have hostile ids, with absolute paths under a
+    fake home folder and a secret in the environment (the exposure checks read what it stored)."""
+    from oppu.config import GenerationConfig, ModelConfig, RunConfig, TrainConfig
+    from oppu.data import write_oppu
+    from oppu.experiment import run_experiment
+
+    base = tmp_path_factory.mktemp("hostile")
+    home = base / "home" / "alice"
+    project = home / "work" / "project" / "deep"
+    users = [_hostile_user(uid, i) for i, uid in enumerate(HOSTILE_USERS)]
+    write_oppu("LaMP_2M", [_hostile_user("other", 9)], users, project / "data")
+    cfg = RunConfig(task="LaMP_2M", methods=("none", "rag", "oppu"), user_ids=HOSTILE_USERS,
+                    data_dir=str(project / "data"), db=str(project / "runs" / "oppu.duckdb"),
+                    artifacts_dir=str(project / "runs" / "artifacts"),
+                    model=ModelConfig(name=str(tiny_model_dir), device="cpu"), task_adaptation=False,
+                    user_train=TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_length=96),
+                    generation=GenerationConfig(max_new_tokens=2, batch_size=16))
+    before = frozenset(p for p in base.rglob("*"))
+    saved = {k: os.environ.get(k) for k in ("HOME", "OPPU_TEST_SECRET")}
+    os.environ.update(HOME=str(home), OPPU_TEST_SECRET=SECRET)
+    try:
+        run_id = run_experiment(cfg)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return HostileRun(base, home, cfg, run_id, before, frozenset(p for p in base.rglob("*")))
