@@ -227,6 +227,34 @@ def test_analyses_draw_every_figure_with_downloads(populated):
     assert labels.count("CSV") == 5 and (labels.count("HTML") + labels.count("PNG")) == 5
 
 
+def test_run_this_analysis_submits_the_sweep(env, monkeypatch):
+    """The shortcut builds the sweep with oppu.analyses and submits one job per run (the submission is recorded
+    here instead of starting workers)."""
+    from dashboard import widgets
+
+    submitted = []
+    monkeypatch.setattr(widgets, "submit_job", lambda cfg: submitted.append(cfg) or f"job-{len(submitted)}")
+    at = page("analyses")
+    next(b for b in at.button if b.key == "run-k").click().run()
+    assert [c.retrieval.k for c in submitted] == [0, 1, 2, 4, 8]
+    assert {c.tag for c in submitted} == {"k-sweep"} and {c.task for c in submitted} == {"LaMP_2M"}
+    assert all(c.db == str(env["OPPU_DB"]) and c.data_dir == str(env["OPPU_DATA"]) for c in submitted)
+    assert "Submitted 5 job(s): job-1, job-2, job-3, job-4, job-5" in texts(at)
+
+
+def test_quick_demo_button_submits_a_small_job(env, monkeypatch):
+    from dashboard import widgets
+
+    submitted = []
+    monkeypatch.setattr(widgets, "submit_job", lambda cfg: submitted.append(cfg) or "job-demo")
+    at = page("overview")
+    next(b for b in at.button if b.label == "Run the quick demo experiment").click().run()
+    (cfg,) = submitted
+    assert cfg.users == 2 and cfg.methods == ("none", "rag", "oppu", "oppu+rag") and cfg.tag == "quick-demo"
+    assert cfg.user_train.epochs == 1 and cfg.artifacts_dir == str(env["OPPU_ARTIFACTS"])
+    assert "Submitted job `job-demo`" in at.success[0].value
+
+
 def test_train_page_lists_jobs_and_form_rejects_bad_input(populated):
     at = page("train")
     at.number_input(key="train-epochs").set_value(0)
