@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import random
@@ -99,6 +100,13 @@ def row_score(task_id: str, gold: str | None, output: str) -> float | None:
     """
     if gold is None:
         return None
+    return _row_score_cached(task_id, str(gold), str(output))
+
+
+# Classification rows repeat few (gold, output) pairs, and scikit-learn's macro-F1 (computed alongside the
+# accuracy) costs milliseconds per call: caching keeps a few hundred rows per write well under a second.
+@functools.lru_cache(maxsize=65536)
+def _row_score_cached(task_id: str, gold: str, output: str) -> float:
     from oppu.metrics import score
     from oppu.tasks import get_task
 
