@@ -456,32 +456,35 @@ def no_data_message(data_dir: Path) -> None:
 
 
 def download_chart(fig, frame: pd.DataFrame, stem: str) -> None:
-    """CSV of the data, and the chart as PNG (when kaleido renders offline here) or standalone HTML.
+    """CSV of the data, the chart as standalone HTML, and as PNG when kaleido can render it offline here.
 
-    The files are built only when clicked (deferred callables): a self-contained HTML carries plotly.js (~4 MB).
+    The files are built only when clicked (deferred callables): the HTML carries plotly.js (~4 MB) so it opens
+    offline, and a first PNG render starts a headless Chromium (seconds).
     """
     row = st.container(horizontal=True)
     row.download_button("CSV", frame.to_csv(index=False).encode(), f"{stem}.csv", "text/csv",
-                            key=f"csv-{stem}", icon=":material/download:", on_click="ignore")
+                        key=f"csv-{stem}", icon=":material/download:", on_click="ignore")
+    row.download_button("HTML", lambda: fig.to_html(include_plotlyjs=True, full_html=True).encode(),
+                        f"{stem}.html", "text/html", key=f"html-{stem}", icon=":material/code:", on_click="ignore",
+                        help="The interactive chart as one self-contained file.")
     if _kaleido_works():
         row.download_button("PNG", lambda: fig.to_image(format="png", scale=2), f"{stem}.png", "image/png",
-                                key=f"png-{stem}", icon=":material/image:", on_click="ignore")
+                            key=f"png-{stem}", icon=":material/image:", on_click="ignore")
     else:
-        row.download_button(
-            "HTML", lambda: fig.to_html(include_plotlyjs=True, full_html=True).encode(), f"{stem}.html",
-            "text/html", key=f"html-{stem}", icon=":material/code:", on_click="ignore",
-            help="PNG export needs the optional `kaleido` package and a local Chrome/Chromium, not found here; "
-                 "this is the interactive chart instead. The camera icon on the chart also saves a PNG.")
+        st.caption("No PNG download: it needs the optional `kaleido` package and a Chrome/Chromium on this machine "
+                   "(`pip install kaleido`). The camera icon on the chart saves a PNG from your browser.")
+
+
+CHROME_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
 @st.cache_resource(show_spinner=False)
 def _kaleido_works() -> bool:
-    """Whether plotly can render a PNG here; probed once, since kaleido needs a local Chrome/Chromium."""
-    try:
-        import kaleido  # noqa: F401
-        import plotly.graph_objects as go
+    """Whether plotly can write PNGs here: kaleido (v1) is installed and finds a local Chrome/Chromium, which it
+    drives offline. Probed without rendering (a first render takes seconds); the PNG is made only on click."""
+    import importlib.util
+    import shutil
 
-        go.Figure().to_image(format="png", width=10, height=10)
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "offer HTML instead"
+    if importlib.util.find_spec("kaleido") is None:
         return False
+    return bool(os.environ.get("BROWSER_PATH")) or any(shutil.which(name) for name in CHROME_NAMES)

@@ -224,7 +224,12 @@ def test_analyses_draw_every_figure_with_downloads(populated):
     k_fig = charts[1]
     assert {t.name for t in k_fig.data} == {"RAG (retrieval only)", "OPPU + RAG"}
     labels = [b.proto.label for b in at.get("download_button")]
-    assert labels.count("CSV") == 5 and (labels.count("HTML") + labels.count("PNG")) == 5
+    assert labels.count("CSV") == 5 and labels.count("HTML") == 5
+    from dashboard.widgets import _kaleido_works
+
+    # PNG exactly when kaleido can render here; otherwise the page says why there is none
+    assert labels.count("PNG") == (5 if _kaleido_works() else 0)
+    assert _kaleido_works() or "No PNG download" in texts(at)
 
 
 def test_run_this_analysis_submits_the_sweep(env, monkeypatch):

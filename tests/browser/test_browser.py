@@ -58,10 +58,11 @@ def populate(db: Path, data_dir: Path) -> None:
     data, labels = load_task_data(data_dir, TASK), get_task(TASK).labels
     users = data.most_active(10)
     store = Store(db)
-    settings = [dict(k=k, peft="lora", history_format="full", cutoff=None) for k in (1, 2, 4, 8)]
-    settings += [dict(k=1, peft=p, history_format="full", cutoff=None) for p in ("ia3", "prompt")]
-    settings += [dict(k=1, peft="lora", history_format="text_only", cutoff=None),
-                 dict(k=1, peft="lora", history_format="full", cutoff="2021-01-01")]
+    def setting(k=1, peft="lora", history_format="full", cutoff=None):
+        return {"k": k, "peft": peft, "history_format": history_format, "cutoff": cutoff}
+
+    settings = [setting(k=k) for k in (1, 2, 4, 8)] + [setting(peft=p) for p in ("ia3", "prompt")]
+    settings += [setting(history_format="text_only"), setting(cutoff="2021-01-01")]
     for n, s in enumerate(settings):
         run_id = f"demo-{n:02d}-k{s['k']}-{s['peft']}"
         config = {"task": TASK, "methods": list(METHODS), "retrieval": {"k": s["k"], "retriever": "bm25"},
@@ -91,6 +92,24 @@ def populate(db: Path, data_dir: Path) -> None:
         store.finish_run(run_id, {m: {"accuracy": BASE_ACCURACY[m]} for m in METHODS})
 
 
+def fake_adapters(artifacts: Path, data_dir: Path) -> None:
+    """Adapter folders (manifest + placeholder weights) in the layout `oppu.experiment` writes, for two users."""
+    import json
+
+    from oppu.data import load_task_data
+
+    for user in load_task_data(data_dir, TASK).most_active(2):
+        for style, methods in (("plain", ["oppu"]), ("rag-k1", ["oppu+rag"])):
+            folder = artifacts / "adapters" / TASK / "demo-00-k1-lora" / user.id / style
+            folder.mkdir(parents=True)
+            (folder / "adapter_model.safetensors").write_bytes(b"\0" * 37_000)
+            (folder / "adapter_config.json").write_text("{}")
+            (folder / "manifest.json").write_text(json.dumps({
+                "user_id": user.id, "task": TASK, "run_id": "demo-00-k1-lora", "style": style, "methods": methods,
+                "peft": {"kind": "lora", "r": 8, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                "item_count": len(user.history), "final_loss": 0.42, "created": "2024-05-01T12:00:00Z"}))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,6 +137,7 @@ def app_url(tmp_path_factory):
     env = {**os.environ, "OPPU_DATA": str(data_dir), "OPPU_DB": str(tmp / "oppu.duckdb"),
            "OPPU_JOBS": str(tmp / "jobs"), "OPPU_ARTIFACTS": str(tmp / "artifacts"), "HF_HUB_OFFLINE": "1"}
     populate(tmp / "oppu.duckdb", data_dir)
+    fake_adapters(tmp / "artifacts", data_dir)
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.port", str(port),
@@ -260,6 +280,7 @@ def test_analyses(app_url, browser):
 def test_adapters(app_url, browser):
     from selenium.webdriver.common.by import By
 
-    _open(browser, f"{app_url}/adapters", "Personal adapters")
-    assert "No personal adapters" in browser.find_element(By.TAG_NAME, "body").text
+    _open(browser, f"{app_url}/adapters", "Personal adapters", ('[data-testid="stDataFrame"]',))
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "Export as zip" in body and "Delete" in body
     _shot(browser, "adapters")
