@@ -168,16 +168,33 @@ def _heartbeat_age(folder: Path, now: float | None = None) -> float | None:
         return None
 
 
+def _runs_job(pid: int, job_id: str) -> bool | None:
+    """Whether process `pid` is a worker of `job_id` (None when /proc cannot tell, e.g. not Linux)."""
+    try:
+        return job_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
 def _dead_reason(job: dict[str, Any], folder: Path) -> str | None:
-    """Why a job recorded as running is not running any more, or None if it still is."""
+    """Why a job recorded as running is not running any more, or None if it still is.
+
+    On the worker's own host the process decides: a live worker process is never declared dead for a late
+    heartbeat (resuming it would start a second worker on the same run). The heartbeat decides elsewhere, and
+    when the recorded pid now belongs to another process.
+    """
     if job.get("state") != "running":
         return None
-    if job.get("host") == socket.gethostname() and not _pid_alive(job.get("pid")):
-        return f"worker process {job.get('pid')} is gone"
     age = _heartbeat_age(folder)
-    if age is not None and age > STALE_S:
-        return f"worker heartbeat is {age:.0f} s old"
-    return None
+    stale = age is not None and age > STALE_S
+    if job.get("host") == socket.gethostname():
+        pid = job.get("pid")
+        if not _pid_alive(pid):
+            return f"worker process {pid} is gone"
+        if stale and _runs_job(pid, job["job_id"]) is False:
+            return f"worker process {pid} is gone (the pid now belongs to another process)"
+        return None
+    return f"worker heartbeat is {age:.0f} s old" if stale else None
 
 
 def _reconcile(root: str | os.PathLike[str]) -> None:

@@ -343,3 +343,27 @@ def test_progress_line_shows_bar_user_step_loss_and_eta():
                           "eta_s": 130}, width=10)
     assert line == ("[#####.....]  50% running · train_user · user 2 of 4 · step 3/8 · loss 1.235 · "
                     "1m05s elapsed · ~2m10s left")
+
+
+def test_liveness_uses_the_process_on_this_host_and_the_heartbeat_elsewhere(tmp_path):
+    import socket
+
+    folder = tmp_path / "20250101-000000-abcdef"
+    folder.mkdir()
+    (folder / "heartbeat").touch()
+    old = time.time() - jobs.STALE_S - 5
+    os.utime(folder / "heartbeat", (old, old))
+    here = {"job_id": folder.name, "state": "running", "host": socket.gethostname()}
+    # our own process is alive but is not that job's worker: a reused pid, so the job is dead
+    assert "another process" in jobs._dead_reason({**here, "pid": os.getpid()}, folder)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", folder.name])
+    try:  # a live worker of the job with a late heartbeat is not declared dead (no second worker on resume)
+        assert jobs._dead_reason({**here, "pid": sleeper.pid}, folder) is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert "is gone" in jobs._dead_reason({**here, "pid": sleeper.pid}, folder)
+    elsewhere = {**here, "host": "another-node", "pid": 1}
+    assert "heartbeat" in jobs._dead_reason(elsewhere, folder)
+    (folder / "heartbeat").touch()
+    assert jobs._dead_reason(elsewhere, folder) is None
