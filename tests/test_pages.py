@@ -375,6 +375,26 @@ def test_failed_job_shows_its_error_and_offers_resume(env, tiny_data_dir):
     assert any(b.label == "Resume" for b in at.button)
 
 
+def test_cancel_from_the_running_list(env, tiny_data_dir, tiny_model_dir):
+    """A submitted job is listed with a Cancel button; clicking it stops the job (its worker sees the flag)."""
+    from oppu import jobs
+    from oppu.config import ModelConfig, RunConfig
+
+    cfg = RunConfig(task="LaMP_2M", users=1, data_dir=str(tiny_data_dir), db=str(env["OPPU_DB"]),
+                    artifacts_dir=str(env["OPPU_ARTIFACTS"]), model=ModelConfig(name=str(tiny_model_dir)))
+    job_id = jobs.submit(cfg, env["OPPU_JOBS"], start=False)
+    at = page("train")  # listing the jobs starts the queued one when a worker slot is free
+    assert f"Job `{job_id}`" in texts(at)
+    next(b for b in at.button if b.key == f"cancel-{job_id}").click().run()
+    deadline = time.monotonic() + 60
+    while jobs.get_job(env["OPPU_JOBS"], job_id)["state"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert jobs.get_job(env["OPPU_JOBS"], job_id)["state"] == "cancelled"
+    at.run()
+    assert at.dataframe[0].value.loc[0, "state"] == "cancelled"
+    assert any(b.label == "Resume" for b in at.button)
+
+
 # -- navigation and the CLI command ---------------------------------------------------------------------------
 
 
