@@ -419,8 +419,12 @@ USER_ORDERS: dict[str, dict] = {
 
 
 def latest_task() -> str | None:
-    """Task of the newest stored run, the natural default while nothing else was chosen."""
-    runs = query("latest_runs", 1)
+    """Task of the newest stored run, the natural default while nothing else was chosen (None when the store is
+    empty or unreadable: the page's own queries report that)."""
+    try:
+        runs = query("latest_runs", 1)
+    except Exception:  # noqa: BLE001 - only a default; the page shows the store's error where it reads it
+        return None
     return None if runs.empty else str(runs["task"].iloc[0])
 
 
@@ -431,7 +435,10 @@ def task_picker(tasks: list[str], key: str, label: str = "Task") -> str | None:
 
     if not tasks:
         return None
-    candidates = (st.query_params.get("task"), st.session_state.get("_task"), latest_task())
+    wanted = st.query_params.get("task")
+    if wanted is not None and wanted not in tasks:
+        st.warning(f"The link asks for task {wanted!r}, which is not available here ({', '.join(tasks)}).")
+    candidates = (wanted, st.session_state.get("_task"), latest_task())
     index = next((tasks.index(t) for t in candidates if t in tasks), 0)
     choice = st.selectbox(label, tasks, index=index, key=key,
                           format_func=lambda t: f"{t} · {get_task(t).name.replace('_', ' ')}")

@@ -124,6 +124,19 @@ def test_missing_data_folder_is_a_warning_not_a_traceback(env, monkeypatch, tmp_
         assert "No LaMP task folders found" in at.warning[0].value
 
 
+def test_unreadable_store_is_an_error_message_not_a_traceback(env):
+    Path(env["OPPU_DB"]).write_bytes(b"this is not a duckdb file" * 100)
+    for name in ("overview", "compare", "analyses"):
+        at = page(name)
+        assert not at.exception, (name, at.exception)
+        assert at.error and "Could not" in at.error[0].value
+
+
+def test_unknown_task_in_the_url_is_explained(env):
+    at = page("data_explorer", task="LaMP_9")
+    assert "'LaMP_9'" in at.warning[0].value and at.selectbox(key="explore-task").value == "LaMP_2M"
+
+
 # -- populated store --------------------------------------------------------------------------------------------
 
 
