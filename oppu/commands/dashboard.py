@@ -27,9 +27,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def app_path() -> Path:
-    import dashboard
-
-    return Path(dashboard.__file__).resolve().parent / "app.py"
+    """dashboard/app.py of this checkout: beside the `oppu` package (found from here, not from the caller's
+    working folder, where another `dashboard` folder could shadow ours)."""
+    app = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+    if not app.is_file():
+        raise ValueError(f"{app} is missing: run `oppu dashboard` from a checkout of OPPU Studio "
+                         "(`pip install -e .`), which carries the dashboard/ and pages/ folders")
+    return app
 
 
 def streamlit_command(args: argparse.Namespace, environ: dict[str, str]) -> tuple[list[str], dict[str, str], Path]:
