@@ -145,7 +145,9 @@ def generate(model, tokenizer, prompts: Sequence[str], adapters: Sequence[str | 
         raise ValueError(f"{n} prompts but {len(names)} adapter names: pass one adapter name (or None) per prompt")
     pool_kind = model.kind if isinstance(model, AdapterPool) else None
     runner = model.active_model if isinstance(model, AdapterPool) else model
-    has_peft = hasattr(runner, "peft_config")
+    from peft import PeftModel
+
+    has_peft = isinstance(runner, PeftModel)
     if not has_peft and any(name != BASE_ADAPTER for name in names):
         raise ValueError("adapters were named but the model has none: pass the AdapterPool holding them")
     if pool_kind is None and has_peft:

@@ -91,7 +91,7 @@ def embedded_cache_dir(cache_dir: str | os.PathLike, name: str = EMBEDDED_MODEL)
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -133,7 +133,7 @@ def prepare_embedded_model(cache_dir: str | os.PathLike = ".cache/models", name:
     target = embedded_cache_dir(cache_dir, name)
     if _cache_complete(target) and not force:
         return target
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with file_lock(target.with_name(target.name + ".lock")):
         if _cache_complete(target) and not force:  # another process built it while we waited
             return target
         from safetensors.torch import save_file
@@ -306,8 +306,12 @@ class AdapterPool:
 
     @property
     def active_model(self):
-        """What to call forward/generate on: the PeftModel once an adapter exists, else the base."""
-        return self.model if self.model is not None else self.base
+        """What to call forward/generate on: the PeftModel while it holds adapters, else the base.
+
+        Once every adapter is deleted the PeftModel still names a deleted adapter as active, and PEFT's
+        `disable_adapter` fails on it; the base (whose PEFT layers are then empty pass-throughs) is the model.
+        """
+        return self.model if self.model is not None and self._names else self.base
 
     # -- lifecycle --
     def _check_kind(self, kind: str) -> None:

@@ -320,14 +320,14 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], styles: Sequence[Pr
     import peft
     import torch
 
-    from oppu.model import _file_lock
+    from oppu.model import file_lock
     from oppu.paths import safe_component
 
     key = adaptation_key(model=model_name, task=task.id, data=data_fingerprint, peft=asdict(peft_cfg),
                          train=asdict(train_cfg), styles=sorted({json.dumps(asdict(s), sort_keys=True) for s in styles}),
                          retriever=retriever_name)
     folder = Path(cache_dir) / "task_adapters" / safe_component(task.id) / key
-    with _file_lock(folder.with_name(folder.name + ".lock")):
+    with file_lock(folder.with_name(folder.name + ".lock")):
         if (folder / "adapter_model.safetensors").is_file():
             wrapped = peft.PeftModel.from_pretrained(model, str(folder))
             return AdaptResult(wrapped.merge_and_unload(), folder, cached=True)

@@ -15,6 +15,14 @@ FAST_USER = TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_length=128)
 FAST_ADAPT = TrainConfig(epochs=1, lr=1e-2, batch_size=8, max_length=128, max_examples=12)
 
 
+@pytest.fixture(autouse=True)
+def short_profiles(monkeypatch):
+    """The tiny random model never ends a turn, so profiles would always run to their full budget."""
+    import oppu.profiles
+
+    monkeypatch.setattr(oppu.profiles, "PROFILE_MAX_NEW_TOKENS", 4)
+
+
 @pytest.fixture()
 def base_cfg(tiny_model_dir, tiny_data_dir, tmp_path):
     return RunConfig(task="LaMP_2M", methods=("none", "oppu"), users=2, data_dir=str(tiny_data_dir),
@@ -169,3 +177,14 @@ def test_sweep_configs_cover_the_papers_analyses(base_cfg):
     assert shift[0].history_cutoff is None and all(c.history_cutoff for c in shift[1:])
     with pytest.raises(ValueError, match="behaviour-shift"):
         sweep_configs("nope", base_cfg)
+
+
+def test_chunks_after_the_first_reuse_the_emptied_pool(base_cfg, monkeypatch):
+    import oppu.experiment
+
+    monkeypatch.setattr(oppu.experiment, "USERS_PER_CHUNK", 1)
+    cfg = base_cfg.replace(methods=("pag", "oppu", "oppu+pag"), users=3, task_adaptation=False)
+    run_id = run_experiment(cfg)
+    store = Store(cfg.db)
+    assert store.done_users(run_id) == {"alice", "bob", "carol"}
+    assert len(store.predictions_for(run_id, "bob")) == 3 * 2

@@ -96,3 +96,16 @@ def test_misuse_is_reported(tiny_model):
     with pytest.raises(ValueError, match="AdapterPool"):
         generate(model, tok, ["a"], ["u_alice"], GenerationConfig())
     assert generate(model, tok, [], None, GenerationConfig()) == []
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "prompt"])
+def test_an_emptied_pool_generates_like_the_base(tiny_model, kind):
+    model, tok = tiny_model
+    before = generate(model, tok, PROMPTS, None, GenerationConfig(), max_new_tokens=4)
+    pool = AdapterPool(model)
+    pool.add("alice", PeftConfig(kind=kind, num_virtual_tokens=4))
+    _randomize(pool, "alice", 1)
+    pool.delete("alice")
+    assert generate(pool, tok, PROMPTS, None, GenerationConfig(), max_new_tokens=4) == before
+    pool.add("bob", PeftConfig(kind=kind, num_virtual_tokens=4))  # the same wrapper takes new adapters
+    assert generate(pool, tok, PROMPTS, [pool.name_of("bob")] * 4, GenerationConfig(), max_new_tokens=4)
