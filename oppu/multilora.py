@@ -56,6 +56,9 @@ class _Route:
     slots: torch.Tensor          # [n_active] slot of each routed row
     rows: torch.Tensor | None    # [n_active] row indices, None when every row is routed (no gather of x)
     scale: torch.Tensor          # [n_active, 1, 1] alpha/r of each routed row's adapter
+    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Without autograd (generation) each layer gathers its rows' factors once per route, not once per decode
+    step: layer id -> (A rows, scale * B rows)."""
 
 
 class MultiLoraLinear(nn.Module):
@@ -85,9 +88,17 @@ class MultiLoraLinear(nn.Module):
                                  "call route() with one adapter per row of this batch")
         xs = x if route.rows is None else x.index_select(0, route.rows)
         flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])  # [rows, tokens, in]
-        a = self.lora_A.index_select(0, route.slots)
-        b = self.lora_B.index_select(0, route.slots)
-        delta = torch.bmm(torch.bmm(self.dropout(flat), a), b) * route.scale
+        if route.gathered is None or torch.is_grad_enabled():  # autograd must see the gather
+            a = self.lora_A.index_select(0, route.slots)
+            b = self.lora_B.index_select(0, route.slots)
+            delta = torch.bmm(torch.bmm(self.dropout(flat), a), b) * route.scale
+        else:
+            pair = route.gathered.get(id(self))
+            if pair is None:
+                pair = (self.lora_A.index_select(0, route.slots),
+                        self.lora_B.index_select(0, route.slots) * route.scale)
+                route.gathered[id(self)] = pair
+            delta = torch.bmm(torch.bmm(self.dropout(flat), pair[0]), pair[1])
         delta = delta.reshape(*xs.shape[:-1], delta.shape[-1]).to(out.dtype)
         if route.rows is None:
             return out + delta
@@ -295,7 +306,8 @@ class MultiLora:
         active = all_slots >= 0
         rows = None if bool(active.all()) else active.nonzero().flatten()
         routed = all_slots if rows is None else all_slots[rows]
-        return _Route(n_rows=len(slots), slots=routed, rows=rows, scale=self.scaling[routed].view(-1, 1, 1))
+        return _Route(n_rows=len(slots), slots=routed, rows=rows, scale=self.scaling[routed].view(-1, 1, 1),
+                      gathered=None if torch.is_grad_enabled() else {})
 
     def slots_of(self, adapters: Sequence[str | None]) -> list[int]:
         return [NO_ADAPTER if a is None else self.slot(a) for a in adapters]
@@ -448,17 +460,23 @@ class TrainExample:
 
 
 def linear_schedule(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor of Hugging Face's linear schedule with warmup (the Trainer default)."""
+    """Learning-rate factor at `step` (0-based) of `oppu.train.train_loop`'s schedule: linear warmup over
+    `warmup` steps, then linear decay to zero at `total`."""
     if step < warmup:
-        return step / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
+        return (step + 1) / max(warmup, 1)
+    return max(0.0, (total - step) / max(total - warmup, 1))
 
 
 def make_batches(n_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """One user's batches of example indices: a seeded shuffle per epoch, the last batch of an epoch short."""
+    """One user's batches of example indices, in the order `oppu.train.train_loop` visits them: one
+    `random.Random(seed)` shuffling the examples again every epoch, the last batch of an epoch short."""
+    import random
+
+    rng = random.Random(seed)
     batches = []
-    for epoch in range(epochs):
-        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    for _ in range(epochs):
+        order = list(range(n_examples))
+        rng.shuffle(order)
         batches += [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
     return batches
 
@@ -574,14 +592,14 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
     (add() or load()). Step i runs every user that has a non-empty i-th batch: its loss is the mean over its answer tokens in that batch, summed over users, run in
     length-sorted chunks of at most `tokens_per_forward` padded tokens with gradient accumulation (which only
     changes float rounding). Clipping, learning-rate schedule (`schedule(step, total, warmup)`, warmup =
-    ceil(warmup_ratio * total)) and AdamW are per user. Returns each user's loss per step.
+    int(warmup_ratio * total), as in `oppu.train.train_loop`) and AdamW are per user. Returns each user's loss per step.
     """
     users = list(batches)
     slots = {u: ml.slot(u) for u in users}
     # An empty batch means the user sits that step out (e.g. joins late); its own step count and schedule
     # only advance on the steps it takes part in, exactly as if it were trained alone.
     totals = {u: sum(1 for b in batches[u] if len(b) > 0) for u in users}
-    warmups = {u: math.ceil(warmup_ratio * totals[u]) for u in users}
+    warmups = {u: int(warmup_ratio * totals[u]) for u in users}
     taken = {u: 0 for u in users}
     params = ml.parameters()
     frozen = {id(p): p.requires_grad for p in ml.model.parameters()}

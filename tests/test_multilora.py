@@ -237,14 +237,12 @@ def user_batches(seed: int, n: int, batch_size: int = 3, epochs: int = 2):
 
 def peft_train_alone(base, init_state, batches, lr, wd, warmup_ratio, max_norm):
     """The per-user reference: PEFT LoRA, HF loss on padded batches, torch AdamW, clip, linear schedule."""
-    import math
-
     peft_model = peft_with(base, {"u": init_state})
     params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     for n, p in peft_model.named_parameters():
         p.requires_grad_("lora_" in n)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    total, warmup = len(batches), math.ceil(warmup_ratio * len(batches))
+    total, warmup = len(batches), int(warmup_ratio * len(batches))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, warmup))
     peft_model.train()
     for batch in batches:
@@ -269,7 +267,7 @@ def test_batched_training_equals_training_each_user_alone(base, states):
     # users drop out of and into steps: per-user step counts and schedules must still match training alone.
     per_user = {"ann": user_batches(1, 7), "ben": user_batches(2, 3), "cat": [[], [], []] + user_batches(3, 5)}
     assert len({len(b) for b in per_user.values()}) == 3
-    hp = dict(lr=5e-2, wd=0.01, warmup_ratio=0.25, max_norm=0.5)  # large lr: differences would show
+    hp = dict(lr=5e-2, wd=0.01, warmup_ratio=0.34, max_norm=0.5)  # large lr: differences would show
     ml = multi_with(base, states, capacity=4)
     ml.add("idle", seed=5)  # a slot that must not move
     idle_before = ml.state_dict("idle")

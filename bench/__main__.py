@@ -1,0 +1,52 @@
+"""`python -m bench [NAME ...] [--no-report]`: run the benchmarks, each in its own process.
+
+A separate process per benchmark keeps each one's peak RSS its own and leaves no warm state for the next.
+Each script appends its section to docs/PERFORMANCE.md unless --no-report is given; run one alone with
+`python -m bench.<name> --help` for its options (sizes, rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from bench.common import ROOT
+
+# name -> (module, what it compares)
+BENCHES: dict[str, tuple[str, str]] = {
+    "startup": ("bench.startup", "model start from cache vs first GGUF conversion"),
+    "generation": ("bench.generation", "32 users x 2 queries: multi-LoRA vs per-user loop vs PEFT adapter_names"),
+    "training": ("bench.training", "16 users x 16 items: multi-user batched training vs per-user loop"),
+    "e2e": ("bench.e2e", "16 users LaMP_2M OPPU end to end vs a re-creation of the official per-user loop"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Run OPPU Studio's benchmarks.",
+                                     epilog="benchmarks: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    parser.add_argument("names", nargs="*", default=[], metavar="NAME",
+                        help=f"which to run (default: all of {', '.join(BENCHES)})")
+    parser.add_argument("--no-report", action="store_true", help="do not append to docs/PERFORMANCE.md")
+    args = parser.parse_args(argv)
+    names = args.names or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}: choose from {', '.join(BENCHES)}")
+    summary, failed = [], []
+    for name in names:
+        module = BENCHES[name][0]
+        print(f"== {name}: {BENCHES[name][1]}", flush=True)
+        started = time.perf_counter()
+        code = subprocess.call([sys.executable, "-m", module, *(["--no-report"] if args.no_report else [])],
+                               cwd=ROOT)
+        summary.append(f"{name}: {time.perf_counter() - started:.0f} s" + ("" if code == 0 else f" (exit {code})"))
+        if code != 0:
+            failed.append(name)
+    print("== done: " + ", ".join(summary))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""Training many users' adapters: one multi-user batched loop against the per-user sequential loop.
+
+Workload (defaults): the 16 demo LaMP_2M users with the most history, 16 history items each, turned into OPPU
+training examples (plain prompts) by `oppu.train.user_examples`, with the run's per-user training settings
+(`RunConfig().user_train`: 2 epochs, batch 8, lr 1e-3, clip 1.0) and LoRA r=8 on q_proj/v_proj.
+
+- sequential: `oppu.train.train_users` (one PEFT adapter per user, trained one user after another);
+- multilora: `oppu.multilora.train_users_batched` on the same examples, batches, schedule and initial weights.
+
+Targets (issue #7): multilora >= 1.5x the sequential loop, and >= 50% of the fp32 matmul peak this script
+measures. Also reported: peak RSS of each path (target for a 16-user run: < 2 GB) and how far the two paths'
+adapters differ (they should agree up to float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.common import (append_report, demo_users, load_default_model, markdown_table, matmul_peak_gflops,
+                          phase, verdict)
+
+TARGET_SPEEDUP = 1.5
+TARGET_PEAK_FRACTION = 0.5
+TARGET_RSS_MIB = 2048
+
+
+def body_parameters(model) -> int:
+    """Parameters every token passes through (the decoder without its embedding table)."""
+    decoder = model.get_decoder()
+    return sum(p.numel() for n, p in decoder.named_parameters() if "embed_tokens" not in n)
+
+
+def useful_gflop(model, encoded) -> float:
+    """Work the step must do: forward and input-gradient backward through the body for every real token
+    (2 + 2 FLOPs per parameter), and the vocabulary projection (forward + backward) on answer tokens only.
+    Padding, attention scores and LoRA's own small matmuls are not counted, so the fraction is conservative."""
+    body = body_parameters(model)
+    head = model.get_output_embeddings().weight.numel()
+    tokens = sum(len(ids) for ids, _ in encoded)
+    answers = sum(sum(1 for t in labels[1:] if t != -100) for _, labels in encoded)
+    return (4 * body * tokens + 4 * head * answers) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="LaMP_2M")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--items", type=int, default=16, help="history items per user")
+    parser.add_argument("--epochs", type=int, default=None, help="default: RunConfig().user_train.epochs")
+    parser.add_argument("--tokens-per-forward", type=int, default=2048)
+    parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    args = parser.parse_args(argv)
+
+    import dataclasses
+
+    import torch
+    from peft.utils import get_peft_model_state_dict
+
+    from oppu.config import PeftConfig, RunConfig
+    from oppu.data import User
+    from oppu.model import AdapterPool
+    from oppu.multilora import MultiLora, TrainExample, make_batches, train_users_batched
+    from oppu.tasks import get_task
+    from oppu.train import PromptStyle, _pad_id, answer_end_ids, encode_example, train_users, user_examples
+
+    task = get_task(args.task)
+    run = RunConfig()
+    train_cfg = run.user_train if args.epochs is None else dataclasses.replace(run.user_train, epochs=args.epochs)
+    peft_cfg = PeftConfig(dropout=0.0)  # dropout masks differ between implementations; compare like with like
+    style = PromptStyle()
+    peak = matmul_peak_gflops()
+    model, tokenizer = load_default_model()
+    pool_users = sorted(demo_users(task.id, 64 if args.users <= 64 else args.users),
+                        key=lambda u: -len(u.history))[: args.users]
+    users = [User(id=u.id, history=u.history[: args.items], queries=u.queries) for u in pool_users]
+    end_ids = answer_end_ids(tokenizer)
+    encoded = {str(u.id): [encode_example(tokenizer, ex, train_cfg.max_length, end_ids)
+                           for ex in user_examples(task, u.history, style)] for u in users}
+    batches = {uid: [[TrainExample(tuple(encoded[uid][i][0]), tuple(encoded[uid][i][1])) for i in batch]
+                     for batch in make_batches(len(rows), train_cfg.batch_size, train_cfg.epochs, train_cfg.seed)]
+               for uid, rows in encoded.items()}
+    all_rows = [row for rows in encoded.values() for row in rows]
+    work = useful_gflop(model, all_rows) * train_cfg.epochs
+    n_tokens = sum(len(ids) for ids, _ in all_rows) * train_cfg.epochs
+    print(f"{len(users)} users, {len(all_rows)} examples ({min(len(r[0]) for r in all_rows)}-"
+          f"{max(len(r[0]) for r in all_rows)} tokens), {train_cfg.epochs} epochs, {work:.0f} GFLOP of useful work, "
+          f"fp32 matmul peak {peak:.0f} GFLOP/s", flush=True)
+
+    # The initial adapter train_user makes (seeded PEFT init), so both paths start from the same weights.
+    torch.manual_seed(train_cfg.seed)
+    pool = AdapterPool(model)
+    init_name = pool.add("__init__", peft_cfg)
+    init_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pool.model, adapter_name=init_name).items()}
+    pool.delete("__init__")
+    base = pool.model.unload()  # the plain model again, for the multi-LoRA surgery
+
+    ml = MultiLora.from_peft_config(base, peft_cfg, capacity=len(users))
+    for uid in encoded:
+        ml.load_state_dict(uid, init_state, alpha=peft_cfg.alpha, r=peft_cfg.r)
+    with phase("multilora") as ours:
+        train_users_batched(ml, batches, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                            warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=1.0, pad_id=_pad_id(tokenizer),
+                            tokens_per_forward=args.tokens_per_forward)
+    ours_states = {uid: ml.state_dict(uid) for uid in encoded}
+    base = ml.unwrap()
+
+    pool = AdapterPool(base)
+    with phase("sequential") as seq:
+        train_users(pool, tokenizer, task, users, style, peft_cfg, train_cfg)
+    diff = 0.0
+    for u in users:
+        theirs = get_peft_model_state_dict(pool.model, adapter_name=pool.name_of(str(u.id)))
+        for key, value in ours_states[str(u.id)].items():
+            diff = max(diff, float((value - theirs[key]).abs().max()))
+
+    rows = []
+    for p, label in ((seq, "sequential per-user loop (oppu.train.train_users, PEFT)"),
+                     (ours, "multi-user batched (oppu.multilora.train_users_batched)")):
+        rows.append({"path": label, "wall s": p.seconds, "CPU s": p.cpu_seconds, "tokens/s": n_tokens / p.seconds,
+                     "GFLOP/s": work / p.seconds, "of peak": work / p.seconds / peak,
+                     "speed-up (wall)": seq.seconds / p.seconds, "peak RSS MiB": p.peak_mib})
+    speedup, fraction = seq.seconds / ours.seconds, work / ours.seconds / peak
+    notes = [f"workload: {task.id}, {len(users)} users x {args.items} history items -> {len(all_rows)} examples, "
+             f"{n_tokens} tokens over {train_cfg.epochs} epochs, batch {train_cfg.batch_size} per user, "
+             f"max_length {train_cfg.max_length}, LoRA r={peft_cfg.r} on {'/'.join(peft_cfg.target_modules)}, "
+             f"fp32; {args.tokens_per_forward} padded tokens per forward in the batched path",
+             f"multilora vs sequential: {speedup:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
+             + verdict(speedup, TARGET_SPEEDUP),
+             f"multilora at {fraction:.0%} of the fp32 matmul peak ({peak:.0f} GFLOP/s measured here): "
+             + verdict(fraction, TARGET_PEAK_FRACTION),
+             f"peak RSS of the {len(users)}-user batched run: {ours.peak_mib:.0f} MiB: "
+             + verdict(ours.peak_mib or 0, TARGET_RSS_MIB, higher_is_better=False),
+             f"largest |difference| between the two paths' final adapter weights: {diff:.2e} (same examples, "
+             "batches, schedule and initial weights; float rounding only)",
+             "useful work counts 4 FLOPs per body parameter per real token (forward + input-gradient backward) and "
+             "the vocabulary projection on answer tokens only; padding and attention scores are not counted",
+             "the multilora path ran first (cold) on the same model object, then the baseline"]
+    append_report("Training: many users' adapters in one loop", markdown_table(rows), notes,
+                  write=not args.no_report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
