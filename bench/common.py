@@ -164,10 +164,18 @@ def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
     return f"{'MET' if met else 'MISSED'} (target {sign} {target:g})"
 
 
+def _module_of(script: str) -> str:
+    """`/…/bench/training.py` -> `bench.training` (what `python -m` was given)."""
+    path = Path(script).resolve()
+    with contextlib.suppress(ValueError):
+        return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    return script
+
+
 def append_report(title: str, table: str, notes: Sequence[str] = (), write: bool = True) -> None:
     """Print the section and append it to docs/PERFORMANCE.md with command, date and machine facts."""
     info = machine_info()
-    command = " ".join([Path(sys.executable).name, "-m", *sys.argv]) if sys.argv else "?"
+    command = " ".join(["python", "-m", _module_of(sys.argv[0]), *sys.argv[1:]]) if sys.argv else "?"
     shared = info["load_avg"][0] > (info["cores"] or 1) * 0.75
     lines = [f"\n### {title}", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `{command}`",

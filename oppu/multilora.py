@@ -284,19 +284,40 @@ class MultiLora:
     def alpha_of(self, name: str) -> float:
         return float(self.scaling[self.slot(name)]) * self.r
 
-    def save(self, name: str, folder: str | Path) -> Path:
-        """Write `name` as a standard PEFT adapter folder that `PeftModel.from_pretrained` loads."""
+    def save(self, name: str, folder: str | Path, manifest: Mapping[str, Any] | None = None) -> Path:
+        """Write `name` as a standard PEFT adapter folder that `PeftModel.from_pretrained` loads.
+
+        Atomic (a temporary sibling folder renamed into place), so a reader never sees half an adapter; with a
+        `manifest`, `manifest.json` is written beside it as `oppu.model.save_user_adapter` does.
+        """
+        import os
+        import shutil
+        import tempfile
+        import time
+
         import peft
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = peft.LoraConfig(r=self.r, lora_alpha=self.alpha_of(name), lora_dropout=self.dropout,
-                                 target_modules=sorted({m.split(".")[-1] for m in self.layers}), bias="none",
-                                 task_type="CAUSAL_LM",
-                                 base_model_name_or_path=getattr(self.model.config, "_name_or_path", None))
-        config.save_pretrained(str(folder))
-        save_file(self.state_dict(name), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            config = peft.LoraConfig(r=self.r, lora_alpha=self.alpha_of(name), lora_dropout=self.dropout,
+                                     target_modules=sorted({m.split(".")[-1] for m in self.layers}), bias="none",
+                                     task_type="CAUSAL_LM",
+                                     base_model_name_or_path=getattr(self.model.config, "_name_or_path", None))
+            config.save_pretrained(str(tmp))
+            save_file(self.state_dict(name), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            if manifest is not None:
+                body = {**manifest, "adapter_name": name, "peft_kind": "lora",
+                        "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                (tmp / "manifest.json").write_text(json.dumps(body, indent=1, sort_keys=True, default=str))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return folder
 
     # -- routing --
@@ -662,3 +683,67 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
             if id(p) in frozen:
                 p.requires_grad_(frozen[id(p)])
     return history
+
+
+def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, peft_cfg, train_cfg, *,
+                histories: Mapping[str, Sequence[Any]] | None = None, retriever=None,
+                profiles: Mapping[str, str | None] | None = None, adapter_keys: Mapping[str, str] | None = None,
+                progress: Callable[[str, int, int, float], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Drop-in for `oppu.train.train_users` on a `MultiLora`: the same examples (built from each user alone by
+    `oppu.train.user_examples`), encoding, batch order, schedule and clipping, with all users in one loop.
+
+    Each user's adapter is created fresh in `ml` under its adapter key (default: the user id), seeded by
+    `train_cfg.seed` (PEFT's initial distribution, not its exact random draw). Returns `oppu.train.TrainResult`
+    per user id; `progress(stage, step, total, loss)` is called once per step and user, with stage
+    `user:<id>:<style>` as in `oppu.train`. Raises `oppu.train.StopRequested` when `should_stop()` turns true.
+    """
+    import random
+
+    from oppu.model import items_hash
+    from oppu.train import StopRequested, TrainResult, _pad_id, answer_end_ids, encode_example, user_examples
+
+    if peft_cfg.kind != "lora" or peft_cfg.r > ml.r:
+        raise MultiLoraError(f"MultiLora trains LoRA adapters of rank <= {ml.r}, not {peft_cfg.kind} r={peft_cfg.r}")
+    end_ids = answer_end_ids(tokenizer)
+    batches: dict[str, list[list[TrainExample]]] = {}
+    info: dict[str, tuple[str, list, list]] = {}
+    for user in users:
+        uid = str(user.id)
+        items = list(user.history if histories is None or uid not in histories else histories[uid])
+        examples = user_examples(task, items, style, retriever, (profiles or {}).get(uid))
+        if train_cfg.max_examples is not None and len(examples) > train_cfg.max_examples:
+            examples = random.Random(train_cfg.seed).sample(examples, train_cfg.max_examples)
+        key = (adapter_keys or {}).get(uid, uid)
+        ml.add(key, seed=train_cfg.seed, alpha=peft_cfg.alpha)
+        encoded = [TrainExample(*map(tuple, encode_example(tokenizer, ex, train_cfg.max_length, end_ids)))
+                   for ex in examples]
+        batches[key] = [[encoded[i] for i in batch] for batch in
+                        make_batches(len(encoded), train_cfg.batch_size, train_cfg.epochs, train_cfg.seed)]
+        used = {ex.source_id for ex in examples}
+        info[key] = (uid, examples, [item for item in items if str(item.id) in used])
+    stopped = []
+
+    def report(step: int, total: int, losses: dict[str, float]) -> None:
+        if progress is not None:
+            for key, loss in losses.items():
+                progress(f"user:{info[key][0]}:{style.key}", step, total, loss)
+
+    def stop() -> bool:
+        if should_stop is not None and should_stop():
+            stopped.append(True)
+            return True
+        return False
+
+    history = train_users_batched(ml, batches, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                                  warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=1.0,
+                                  pad_id=_pad_id(tokenizer), progress=report, should_stop=stop)
+    if stopped:
+        raise StopRequested("stopped between two multi-user training steps")
+    results = {}
+    for key, (uid, examples, kept) in info.items():
+        results[uid] = TrainResult(
+            user_id=uid, adapter=key, curve=list(enumerate(history[key], start=1)), examples=len(examples),
+            item_ids=[str(item.id) for item in kept],
+            data_hash=items_hash([str(i.id) for i in kept], [task.format_item(i) for i in kept]))
+    return results

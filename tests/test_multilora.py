@@ -323,3 +323,43 @@ def test_training_without_answer_tokens_is_refused(base, states):
     bad = TrainExample((5, 6, 7), (IGNORE_INDEX,) * 3)
     with pytest.raises(MultiLoraError, match="no answer tokens"):
         train_users_batched(ml, {"ann": [[bad]]}, lr=1e-3)
+
+
+def test_train_users_is_a_drop_in_for_the_per_user_loop(tiny_model, tiny_users):
+    """Same examples, items, data hash and schedule length as oppu.train.train_users; B starts at zero in both,
+    so each user's first-step loss (the base model on that user's first batch) must agree exactly."""
+    from oppu.config import PeftConfig, TrainConfig
+    from oppu.model import AdapterPool
+    from oppu.multilora import train_users
+    from oppu.tasks import get_task
+    from oppu.train import PromptStyle
+    from oppu.train import train_users as train_users_per_user
+
+    model, tokenizer = tiny_model
+    task, (_, users) = get_task("LaMP_2M"), tiny_users
+    peft_cfg = PeftConfig(dropout=0.0)
+    train_cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, max_length=128)
+    ml = MultiLora.from_peft_config(copy.deepcopy(model), peft_cfg, capacity=len(users))
+    ours = train_users(ml, tokenizer, task, users, PromptStyle(), peft_cfg, train_cfg)
+    theirs = train_users_per_user(AdapterPool(model), tokenizer, task, users, PromptStyle(), peft_cfg, train_cfg)
+    assert set(ours) == set(theirs) == {u.id for u in users}
+    for uid, result in ours.items():
+        ref = theirs[uid]
+        assert (result.examples, result.item_ids, result.data_hash) == (ref.examples, ref.item_ids, ref.data_hash)
+        assert [s for s, _ in result.curve] == [s for s, _ in ref.curve]
+        assert result.curve[0][1] == pytest.approx(ref.curve[0][1], rel=1e-5)
+        assert any(float(v.abs().max()) > 0 for k, v in ml.state_dict(uid).items() if "lora_B" in k)
+
+
+def test_save_is_atomic_with_manifest(base, states, tmp_path):
+    import json
+
+    ml = multi_with(base, states)
+    folder = ml.save("ann", tmp_path / "ann", manifest={"user_id": "ann"})
+    assert json.loads((folder / "manifest.json").read_text())["user_id"] == "ann"
+    ml.save("ben", folder)  # overwrite in place
+    again = MultiLora(copy.deepcopy(base), capacity=1)
+    again.load("x", folder)
+    for key, value in again.state_dict("x").items():
+        torch.testing.assert_close(value, ml.state_dict("ben")[key])
+    assert [p.name for p in tmp_path.iterdir()] == ["ann"]  # no temporary folder left behind
