@@ -69,23 +69,20 @@ def friendly(what: str) -> Iterator[None]:
 
 @st.cache_resource(show_spinner=False)
 def _store(db: str):
+    """The Store for a db path, made once per process (it keeps no connection open: each query opens its own)."""
     from oppu.store import Store
 
     return Store(db)
 
 
-def store():
-    """The results store for OPPU_DB (opened once per process; each query opens its own short connection)."""
-    return _store(str(paths().db))
-
-
 @st.cache_data(ttl=QUERY_TTL_S, show_spinner=False)
-def _query(db: str, name: str, args: tuple) -> pd.DataFrame:
+def _query(db: str, name: str, args: tuple):
     return getattr(_store(db), name)(*args)
 
 
-def query(name: str, *args) -> pd.DataFrame:
-    """A cached read query of the store by method name, e.g. `query("run_users", run_id)`.
+def query(name: str, *args):
+    """A cached read query of the store by method name, e.g. `query("run_users", run_id)` (a DataFrame; `counts`
+    gives a dict).
 
     An absent database file reads as an empty store, so a fresh checkout shows "no runs yet" instead of an error.
     """
@@ -96,15 +93,9 @@ def query(name: str, *args) -> pd.DataFrame:
 
 
 def store_counts() -> dict[str, int]:
-    """Row counts per table (`runs`, `predictions`, ...); empty when there is no store yet."""
+    """Headline counts (`runs`, `predictions`, `users`, ...); empty when there is no store yet."""
     counts = query("counts")
-    if isinstance(counts, Mapping):
-        return {str(k): int(v) for k, v in counts.items()}
-    if counts.empty:
-        return {}
-    if {"table", "rows"} <= set(counts.columns):
-        return dict(zip(counts["table"].astype(str), counts["rows"].astype(int)))
-    return {str(k): int(v) for k, v in counts.iloc[0].items()}
+    return dict(counts) if isinstance(counts, Mapping) else {}
 
 
 def run_metrics(run_id: str) -> pd.DataFrame:
@@ -195,12 +186,15 @@ def run_config(**fields):
 
 
 def demo_config(task: str):
-    """The Overview page's quick demo: two most active users, one short epoch, the paper's four core methods."""
-    from oppu.config import TrainConfig
+    """The Overview page's quick demo: the project's `quick` preset (the same as `oppu run --preset quick`: two
+    most active users, the paper's four core methods, short bounded training) on this dashboard's folders."""
+    from oppu.config import RunConfig
+    from oppu.experiment import load_preset, merge_config
 
-    return run_config(task=task, users=2, methods=("none", "rag", "oppu", "oppu+rag"),
-                      model=_model_config(), tag="quick-demo",
-                      user_train=TrainConfig(epochs=1, lr=1e-3, batch_size=8, max_length=256))
+    where = paths()
+    here = {"task": task, "data_dir": str(where.data), "db": str(where.db), "artifacts_dir": str(where.artifacts),
+            "model": {"name": default_model()}, "tag": "quick-demo"}
+    return RunConfig.from_dict(merge_config(RunConfig().to_dict(), load_preset("quick"), here))
 
 
 def submit_job(cfg) -> str:
@@ -211,7 +205,6 @@ def submit_job(cfg) -> str:
 
 
 ACTIVE_STATES = ("queued", "running")
-RESUMABLE_STATES = ("cancelled", "failed", "interrupted")
 
 
 def train_config(*, task: str, n_users: int, user_ids: list[str], methods: list[str], peft_kind: str, rank: int,
@@ -285,9 +278,14 @@ def job_details(job: dict) -> None:
     root = str(paths().jobs)
     if job["state"] == "failed":
         st.error(f"Job {job['id']} failed: {job.get('error') or 'no error message was recorded'}")
+    elif job["state"] == "interrupted":
+        st.warning(f"Job {job['id']} was interrupted (its worker stopped without finishing). Resume continues "
+                   "the same run; users already finished are kept.")
+    elif job["state"] == "cancelled":
+        st.info(f"Job {job['id']} was cancelled. Resume continues the same run.")
     elif job["state"] == "done":
         st.success(f"Job {job['id']} finished: run `{job.get('run_id')}`. See it on **Compare**.")
-    if job["state"] in RESUMABLE_STATES and st.button("Resume", key=f"resume-{job['id']}",
+    if job["state"] in core.RESUMABLE_STATES and st.button("Resume", key=f"resume-{job['id']}",
                                                       icon=":material/replay:"):
         core.resume(root, job["id"])
         st.toast(f"Resumed {job['id']}: users already finished are skipped.")

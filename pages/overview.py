@@ -28,8 +28,9 @@ if not tasks:
     widgets.no_data_message(where.data)
 
 st.subheader("Quick demo experiment")
-st.write("Trains personal adapters for the two most active users of a task with one short epoch and compares "
-         "non-personalized, RAG, OPPU and OPPU + RAG. It runs as a background job: follow it on **Train**.")
+st.write("Trains personal adapters for the two most active users of a task with short, bounded training (the "
+         "`quick` preset) and compares non-personalized, RAG, OPPU and OPPU + RAG. It runs as a background job: "
+         "follow it on **Train**.")
 if tasks:
     demo_task = widgets.task_picker(tasks, key="demo-task")
     if st.button("Run the quick demo experiment", type="primary", icon=":material/play_arrow:"):

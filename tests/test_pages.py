@@ -268,8 +268,12 @@ def test_quick_demo_button_submits_a_small_job(env, monkeypatch):
     at = page("overview")
     next(b for b in at.button if b.label == "Run the quick demo experiment").click().run()
     (cfg,) = submitted
-    assert cfg.users == 2 and cfg.methods == ("none", "rag", "oppu", "oppu+rag") and cfg.tag == "quick-demo"
-    assert cfg.user_train.epochs == 1 and cfg.artifacts_dir == str(env["OPPU_ARTIFACTS"])
+    from oppu.experiment import load_preset
+
+    quick = load_preset("quick")
+    assert cfg.users == quick["users"] and cfg.methods == tuple(quick["methods"]) and cfg.tag == "quick-demo"
+    assert cfg.user_train.max_examples == quick["user_train"]["max_examples"]
+    assert cfg.artifacts_dir == str(env["OPPU_ARTIFACTS"]) and cfg.task == "LaMP_2M"
     assert "Submitted job `job-demo`" in at.success[0].value
 
 
