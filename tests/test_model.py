@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 
 from oppu.config import ModelConfig, PeftConfig
-from oppu.model import (AdapterPool, ModelLoadError, adapter_complete, chat_end_token, eos_token_ids, load_model,
-                        read_manifest, save_user_adapter)
+from oppu.model import (
+    AdapterPool,
+    ModelLoadError,
+    adapter_complete,
+    chat_end_token,
+    eos_token_ids,
+    load_model,
+    read_manifest,
+    save_user_adapter,
+)
 
 
 def _perturb(pool: AdapterPool, user_id: str, seed: int) -> None:

@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 
-
 def usage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (reported in one line), as opposed to bugs (which keep their traceback)."""
     from oppu.config import ConfigError

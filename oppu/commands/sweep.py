@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from oppu.commands.run import ProgressBar, add_run_arguments, config_from_args, fail, metric_table, usage_errors
+from oppu.commands.run import (
+    ProgressBar,
+    add_run_arguments,
+    config_from_args,
+    fail,
+    metric_table,
+    usage_errors,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
