@@ -131,8 +131,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_folders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
+    return {"OPPU_DATA": ROOT / "data" / "demo", "OPPU_DB": tmp / "oppu.duckdb", "OPPU_JOBS": tmp / "jobs",
+            "OPPU_ARTIFACTS": tmp / "artifacts"}
+
+
+@pytest.fixture(scope="module")
+def app_url(app_folders):
+    tmp = app_folders["OPPU_DB"].parent
     data_dir = ROOT / "data" / "demo"
     env = {**os.environ, "OPPU_DATA": str(data_dir), "OPPU_DB": str(tmp / "oppu.duckdb"),
            "OPPU_JOBS": str(tmp / "jobs"), "OPPU_ARTIFACTS": str(tmp / "artifacts"), "HF_HUB_OFFLINE": "1"}
@@ -275,6 +282,28 @@ def test_analyses(app_url, browser):
     assert "Performance by user activity" in plot.text and "OPPU" in plot.text
     assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .trace")
     _shot(browser, "analyses", readme=True)
+
+
+def test_train_progress_refreshes_live(app_url, app_folders, browser, tiny_model_dir):
+    """A real job (tiny model) submitted while the Train page is open: the page shows its progress and then
+    its outcome without a reload — the st.fragment(run_every=2) polling at work."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from oppu import jobs
+    from oppu.config import ModelConfig, RunConfig, TrainConfig
+
+    _open(browser, f"{app_url}/train", "Train personal adapters", ('[data-testid="stForm"]',))
+    cfg = RunConfig(task=TASK, users=1, methods=("none", "oppu"), data_dir=str(app_folders["OPPU_DATA"]),
+                    db=str(app_folders["OPPU_DB"]), artifacts_dir=str(app_folders["OPPU_ARTIFACTS"]),
+                    model=ModelConfig(name=str(tiny_model_dir)), task_adaptation=False,
+                    user_train=TrainConfig(epochs=1, batch_size=4, max_length=64, max_examples=8), tag="live")
+    job_id = jobs.submit(cfg, app_folders["OPPU_JOBS"])
+    wait = WebDriverWait(browser, 120, poll_frequency=0.25)
+    wait.until(lambda d: job_id in d.find_element(By.TAG_NAME, "body").text)  # appeared with no reload
+    wait.until(lambda d: f"Job {job_id} finished" in d.find_element(By.TAG_NAME, "body").text)
+    assert jobs.get_job(app_folders["OPPU_JOBS"], job_id)["state"] == "done"
+    _shot(browser, "train_after_job")
 
 
 def test_adapters(app_url, browser):
