@@ -310,20 +310,27 @@ class Analysis:
     """Store method taking the task id."""
     chart: Callable[[pd.DataFrame, str, bool], Any]
     question: str
+    varies: str
+    """Column the sweep varies; with fewer than two values stored the figure is not an analysis yet."""
+
+    def incomplete(self, frame: pd.DataFrame) -> bool:
+        return frame[self.varies].nunique() < 2
 
 
 ANALYSES: tuple[Analysis, ...] = (
     Analysis("Activity level", "activity", "activity_curve", charts.activity_curve,
              "Fig. 3: do users with longer histories gain more from a personal adapter? Users in equal-count bins "
-             "by history size."),
+             "by history size.", "bin"),
     Analysis("Retrieved items k", "k", "k_sweep", charts.k_sweep,
-             "Fig. 4: how do OPPU + RAG and RAG alone change as more history items are retrieved?"),
+             "Fig. 4: how do OPPU + RAG and RAG alone change as more history items are retrieved?", "k"),
     Analysis("PEFT type", "peft", "peft_comparison", charts.peft_comparison,
-             "LoRA, IA3 or prompt tuning as the personal module."),
+             "LoRA, IA3 or prompt tuning as the personal module.", "peft"),
     Analysis("Behaviour shift", "behaviour-shift", "behaviour_shift", charts.behaviour_shift,
-             "Training on older history only: does the adapter still help when the user's behaviour moves on?"),
+             "Training on older history only: does the adapter still help when the user's behaviour moves on?",
+             "history_cutoff"),
     Analysis("History format", "history-format", "history_format", charts.history_format,
-             "Retrieved items with all their fields against text only (labels and scores dropped)."),
+             "Retrieved items with all their fields against text only (labels and scores dropped).",
+             "history_format"),
 )
 
 

@@ -22,13 +22,15 @@ for tab, analysis in zip(tabs, widgets.ANALYSES):
     with tab, widgets.friendly(f"show {analysis.title.lower()}"):
         st.caption(analysis.question)
         frame = widgets.analysis_frame(analysis, task)
-        if frame.empty:
-            st.info(f"No {analysis.title.lower()} results for {task} yet. The shortcut below submits the sweep "
-                    f"as background jobs (`oppu sweep --kind {analysis.sweep} --task {task}` does the same).")
+        if frame.empty or analysis.incomplete(frame):
+            what = "No" if frame.empty else "Only one setting of"
+            st.info(f"{what} {analysis.title.lower()} results for {task} yet. The shortcut below submits the "
+                    f"sweep as background jobs (`oppu sweep --kind {analysis.sweep} --task {task}` does the same).")
             if st.button("Run this analysis", key=f"run-{analysis.sweep}", icon=":material/play_arrow:"):
                 job_ids = widgets.submit_sweep(analysis.sweep, task)
                 st.success(f"Submitted {len(job_ids)} job(s): {', '.join(job_ids)}. Follow them on **Train**.")
-            continue
+            if frame.empty:
+                continue
         fig = analysis.chart(frame, metric, lower)
         st.plotly_chart(fig, width="stretch", key=f"chart-{analysis.sweep}")
         widgets.download_chart(fig, frame, f"{task}-{analysis.sweep}")

@@ -236,6 +236,9 @@ def test_analyses_draw_every_figure_with_downloads(populated):
                       "Behaviour shift", "History format"]
     k_fig = charts[1]
     assert {t.name for t in k_fig.data} == {"RAG (retrieval only)", "OPPU + RAG"}
+    # one stored run: every sweep but activity (3 users in 3 bins) has a single setting, so each offers its sweep
+    shortcuts = sorted(b.key for b in at.button if b.label == "Run this analysis")
+    assert shortcuts == ["run-behaviour-shift", "run-history-format", "run-k", "run-peft"]
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels.count("CSV") == 5 and labels.count("HTML") == 5
     from dashboard.widgets import _kaleido_works
