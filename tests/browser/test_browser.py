@@ -1,7 +1,7 @@
 """The dashboard in a real headless Chromium: `streamlit run dashboard/app.py` on a free loopback port, pointed at
 a tmp store filled with synthetic results over the demo data, every page opened and checked for its content.
 
-Screenshots go to artifacts/screenshots/ (git-ignored); Compare and Analyses are also copied, downscaled, to
+Screenshots go to artifacts/screenshots/ (git-ignored); with OPPU_UPDATE_SCREENSHOTS=1 Compare and Analyses are copied, downscaled, to
 docs/screenshots/ for the README. Needs Debian's `chromium` and `chromium-driver` (`make system-deps`).
 """
 
