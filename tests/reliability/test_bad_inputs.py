@@ -248,8 +248,6 @@ def test_cli_run_unknown_user_names_close_ids(tmp_path, state):
     assert state.fingerprint() == before
 
 
-@pytest.mark.xfail(strict=True, reason="jobs submit queues a job for an unknown user / unusable data folder and "
-                                       "fails only later in the worker — reported")
 @pytest.mark.parametrize("argv", [["--user-ids", "nosuchuser"], ["--data", "/nonexistent/data"]])
 def test_cli_jobs_submit_checks_users_and_data_before_queueing(argv, tmp_path, state):
     root = _task_root(tmp_path, Case(TEST_FILE, VALID, "ok", ""))
