@@ -54,8 +54,7 @@ def test_registry_and_unknown_name():
         get_retriever("tfidf")
 
 
-@pytest.mark.slow
-def test_dense_uses_the_packaged_minilm_offline():
+def test_dense_uses_the_packaged_minilm_offline():  # ~5 s: loads the real packaged MiniLM
     dense = get_retriever("dense")
     got = dense.retrieve("a film about a spaceship battle", ITEMS, k=2)
     assert got[0][0].id in {"3", "4"}
