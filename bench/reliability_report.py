@@ -23,12 +23,12 @@ SUITE = "tests/reliability"
 
 # test file -> (category, what it attacks)
 CATEGORIES: dict[str, tuple[str, str]] = {
-    "test_bad_inputs": ("malformed input", "readers, `oppu data validate`, `oppu run`, `oppu jobs submit`, "
-                                           "`oppu evaluate`"),
+    "test_bad_inputs": ("malformed input", ("readers, `oppu data validate`, `oppu run`, `oppu jobs submit`, "
+                                           "`oppu evaluate`")),
     "test_fuzz_inputs": ("fuzzed input", "random bytes / JSON into readers, metrics, prompts, paths (hypothesis)"),
     "test_hostile_ids": ("hostile identifiers", "user ids, job ids, adapter zips with traversal entries"),
-    "test_safe_loading_and_exposure": ("safe loading & exposure", "pickle scan, safetensors-only artifacts, "
-                                                                  "loopback binding, secrets and home paths"),
+    "test_safe_loading_and_exposure": ("safe loading & exposure", ("pickle scan, safetensors-only artifacts, "
+                                                                  "loopback binding, secrets and home paths")),
     "test_crashes": ("crashes & full disk", "kill -9 in adaptation / training / generation, ENOSPC"),
     "test_concurrency": ("concurrent writers", "writer processes and a polling reader on one store"),
 }
@@ -54,7 +54,7 @@ def attack_sizes() -> dict[str, int]:
 
 def run_suite(junit: Path, extra: list[str]) -> tuple[int, float]:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", SUITE, "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run(check=False, args=[sys.executable, "-m", "pytest", SUITE, "-q", "-p", "no:cacheprovider",
                            f"--junitxml={junit}", *extra], cwd=ROOT)
     return proc.returncode, time.perf_counter() - started
 
@@ -82,12 +82,12 @@ def tally(junit: Path) -> dict[str, dict[str, float]]:
 
 def render(rows: dict[str, dict[str, float]], sizes: dict[str, int], rc: int, wall: float) -> str:
     lines = ["# Reliability", "",
-             "Produced by `python -m bench.reliability_report`, which runs `pytest tests/reliability` once and "
-             "counts its junit report. Do not edit by hand.", "",
-             f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, suite wall time {wall:.0f} s, "
-             f"pytest exit status {rc}.", "",
-             "| category | what is attacked | cases tried | survived | known bug (reported, strict xfail) | "
-             "failed | time (s) |", "|---|---|---:|---:|---:|---:|---:|"]
+             ("Produced by `python -m bench.reliability_report`, which runs `pytest tests/reliability` once and "
+             "counts its junit report. Do not edit by hand."), "",
+             (f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, suite wall time {wall:.0f} s, "
+             f"pytest exit status {rc}."), "",
+             ("| category | what is attacked | cases tried | survived | known bug (reported, strict xfail) | "
+             "failed | time (s) |"), "|---|---|---:|---:|---:|---:|---:|"]
     described = {c: d for c, d in CATEGORIES.values()}
     for category in [c for c, _ in CATEGORIES.values()] + sorted(set(rows) - set(described)):
         row = rows.get(category)
@@ -101,13 +101,13 @@ def render(rows: dict[str, dict[str, float]], sizes: dict[str, int], rc: int, wa
                  f"{int(total['failed'])} | {wall:.0f} |")
     lines += ["", "## What the tables hold", "", "| attack table | size |", "|---|---:|"]
     lines += [f"| {name} | {size} |" for name, size in sizes.items()]
-    lines += ["", "A case is one (input, entry point) pair, so one malformed file counts once per entry point "
-              "(reader, `oppu data validate`, and `oppu run` for files that cannot be used at all).", "",
-              "\"Survived\" means: a one-line message naming the file or record and the fix, a non-zero CLI "
+    lines += ["", ("A case is one (input, entry point) pair, so one malformed file counts once per entry point "
+              "(reader, `oppu data validate`, and `oppu run` for files that cannot be used at all)."), "",
+              ("\"Survived\" means: a one-line message naming the file or record and the fix, a non-zero CLI "
               "exit, no traceback, and the results store, adapters and jobs folder byte-for-byte unchanged "
               "(or, for crashes, predictions equal to an uninterrupted run). A \"known bug\" row is a strict "
               "xfail whose reason names the file and function; it turns into a failure once the bug is fixed, "
-              "so the xfail is removed then.", ""]
+              "so the xfail is removed then."), ""]
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ def oppu(*argv: str | os.PathLike, cwd: str | os.PathLike | None = None, env: di
     """Run `python -m oppu ARGV` from the repository root (or `cwd`) and capture its outcome."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "oppu", *map(str, argv)], cwd=cwd or ROOT, env=full_env,
+    proc = subprocess.run([sys.executable, "-m", "oppu", *map(str, argv)], check=False, cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 

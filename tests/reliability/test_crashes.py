@@ -25,7 +25,7 @@ from oppu import jobs
 from oppu.config import GenerationConfig, ModelConfig, RunConfig, TrainConfig
 from oppu.store import Store
 
-from .conftest import ROOT, oppu, tree_hash
+from .conftest import ROOT, tree_hash
 
 USERS = ("alice", "bob", "carol")
 
@@ -146,7 +146,7 @@ def small_disk(tmp_path):
     folder = tmp_path / "small"
     folder.mkdir()
     mounted = os.geteuid() == 0 and not os.environ.get("OPPU_TEST_NO_TMPFS") and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True, check=False).returncode == 0
     yield folder, "tmpfs" if mounted else "rlimit"
     if mounted:
         subprocess.run(["umount", "-l", str(folder)], check=False)
@@ -160,7 +160,7 @@ def _child(script: str, how: str, cwd: Path) -> subprocess.CompletedProcess:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
     """)
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script), how], cwd=cwd,
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script), how], check=False, cwd=cwd,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 

@@ -18,7 +18,7 @@ from .conftest import ROOT, SECRET, oppu
 
 SOURCES = [p for d in ("oppu", "dashboard", "pages") for p in sorted((ROOT / d).rglob("*.py"))]
 UNSAFE = {
-    "pickle import": re.compile(r"^\s*(import|from)\s+(c?pickle|dill|joblib|shelve)\b", re.M),
+    "pickle import": re.compile(r"^\s*(import|from)\s+(c?pickle|dill|joblib|shelve)\b", re.MULTILINE),
     "torch.load without weights_only=True": re.compile(r"torch\.load\((?![^)]*weights_only\s*=\s*True)[^)]*\)"),
     "np.load with allow_pickle=True": re.compile(r"\bload\([^)]*allow_pickle\s*=\s*True"),
     "pandas read_pickle": re.compile(r"read_pickle\("),
@@ -69,13 +69,13 @@ def test_dashboard_binds_loopback_unless_asked():
 
     parser = argparse.ArgumentParser()
     dashboard.configure(parser)
-    argv, env, _ = dashboard.streamlit_command(parser.parse_args([]), {})
+    argv, _env, _ = dashboard.streamlit_command(parser.parse_args([]), {})
     assert argv[argv.index("--server.address") + 1] == "127.0.0.1"
     assert argv[argv.index("--browser.gatherUsageStats") + 1] == "false"
     argv, _, _ = dashboard.streamlit_command(parser.parse_args(["--host", "0.0.0.0"]), {})
     assert argv[argv.index("--server.address") + 1] == "0.0.0.0"  # only when asked
     config = (ROOT / ".streamlit" / "config.toml").read_text()
-    assert re.search(r'^address\s*=\s*"127\.0\.0\.1"', config, re.M)
+    assert re.search(r'^address\s*=\s*"127\.0\.0\.1"', config, re.MULTILINE)
     assert not re.search(r"enableCORS\s*=\s*false|enableXsrfProtection\s*=\s*false", config)
 
 
