@@ -609,17 +609,19 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
                         weight_decay: float = 0.0, warmup_ratio: float = 0.0, max_grad_norm: float | None = 1.0,
                         betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                         schedule: Callable[[int, int, int], float] = linear_schedule, pad_id: int = 0,
-                        tokens_per_forward: int = 2048,
+                        tokens_per_forward: int = 512,
                         progress: Callable[[int, int, dict[str, float]], None] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> dict[str, list[float]]:
     """Train each named adapter on its own batches, all users' i-th batches in one step.
 
     `batches[user]` is that user's list of batches in order (e.g. from `make_batches`), exactly as a per-user
     loop would see them (an empty batch: the user sits that step out); adapters must already exist in `ml`
-    (add() or load()). Step i runs every user that has a non-empty i-th batch: its loss is the mean over its answer tokens in that batch, summed over users, run in
-    length-sorted chunks of at most `tokens_per_forward` padded tokens with gradient accumulation (which only
-    changes float rounding). Clipping, learning-rate schedule (`schedule(step, total, warmup)`, warmup =
-    int(warmup_ratio * total), as in `oppu.train.train_loop`) and AdamW are per user. Returns each user's loss per step.
+    (add() or load()). Step i runs every user with a non-empty i-th batch: each user's loss is the mean over its
+    answer tokens in that batch, the step's loss their sum. Rows run in length-sorted chunks of at most
+    `tokens_per_forward` padded tokens with gradient accumulation (this bounds activation memory, about 1.3 MB
+    per token for SmolLM2-135M in fp32, and only changes float rounding). Clipping, the learning-rate schedule
+    (`schedule(step, total, warmup)`, warmup = int(warmup_ratio * total) as in `oppu.train.train_loop`) and
+    AdamW are per user. Returns each user's loss per step.
     """
     users = list(batches)
     slots = {u: ml.slot(u) for u in users}
