@@ -170,6 +170,7 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, should_stop
     A `should_stop()` that turns True ends the run early with status `cancelled` (resume it with the same id).
     """
     from oppu.data import load_task_data
+    from oppu.model import model_key
     from oppu.store import Store
     from oppu.tasks import get_task
 
@@ -178,8 +179,9 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, should_stop
     users = select_users(data, cfg)
     run_id = run_id or new_run_id(cfg)
     store = store if store is not None else Store(cfg.db)
-    store.create_run(run_id, cfg.to_dict(), task.id, cfg.model.name, data.fingerprint, code_version(), cfg.tag,
-                     job_id)
+    # Portable: the stored config and model name carry no absolute (home) paths; runs stay comparable anyway.
+    store.create_run(run_id, portable_config(cfg), task.id, model_key(cfg.model), data.fingerprint, code_version(),
+                     cfg.tag, job_id)
     try:
         pending = _pending_users(cfg, run_id, users, store)
         if pending:

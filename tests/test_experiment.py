@@ -188,3 +188,12 @@ def test_chunks_after_the_first_reuse_the_emptied_pool(base_cfg, monkeypatch):
     store = Store(cfg.db)
     assert store.done_users(run_id) == {"alice", "bob", "carol"}
     assert len(store.predictions_for(run_id, "bob")) == 3 * 2
+
+
+def test_stored_run_config_is_portable(base_cfg):
+    cfg = base_cfg.replace(methods=("none",), users=1, task_adaptation=False)
+    run_id = run_experiment(cfg)
+    row = Store(cfg.db).runs().set_index("run_id").loc[run_id]
+    assert cfg.artifacts_dir not in row["config"] and cfg.model.name not in row["config"]
+    assert cfg.model.name not in row["model"]
+    assert json.loads(row["config"])["methods"] == ["none"]  # what the store reads back still holds
