@@ -14,12 +14,14 @@ import time
 
 from bench.common import ROOT
 
-# name -> (module, what it compares)
-BENCHES: dict[str, tuple[str, str]] = {
-    "startup": ("bench.startup", "model start from cache vs first GGUF conversion"),
-    "generation": ("bench.generation", "32 users x 2 queries: multi-LoRA vs per-user loop vs PEFT adapter_names"),
-    "training": ("bench.training", "16 users x 16 items: multi-user batched training vs per-user loop"),
-    "e2e": ("bench.e2e", "16 users LaMP_2M OPPU end to end vs a re-creation of the official per-user loop"),
+# name -> (module, what it compares, its flag for "print only")
+BENCHES: dict[str, tuple[str, str, str]] = {
+    "startup": ("bench.startup", "model start from cache vs first GGUF conversion", "--no-report"),
+    "generation": ("bench.generation", "32 users x 2 queries: multi-LoRA vs per-user loop vs PEFT adapter_names",
+                   "--no-report"),
+    "training": ("bench.training", "16 users x 16 items: multi-user batched training vs per-user loop",
+                 "--no-report"),
+    "store": ("bench.bench_store", "every dashboard query on 1,000,000 prediction rows", "--no-write"),
 }
 
 
@@ -36,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}: choose from {', '.join(BENCHES)}")
     summary, failed = [], []
     for name in names:
-        module = BENCHES[name][0]
+        module, _, quiet = BENCHES[name]
         print(f"== {name}: {BENCHES[name][1]}", flush=True)
         started = time.perf_counter()
-        code = subprocess.call([sys.executable, "-m", module, *(["--no-report"] if args.no_report else [])],
+        code = subprocess.call([sys.executable, "-m", module, *([quiet] if args.no_report else [])],
                                cwd=ROOT)
         summary.append(f"{name}: {time.perf_counter() - started:.0f} s" + ("" if code == 0 else f" (exit {code})"))
         if code != 0:
