@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -529,14 +530,41 @@ def write_oppu(task: Task | str, train_users: Sequence[User], test_users: Sequen
     """
     task = task if isinstance(task, Task) else get_task(task)
     folder = Path(out_dir) / task.id
-    write_json_atomic(folder / OTHERS_FILE, [_user_json(u, with_gold=True) for u in train_users])
-    write_json_atomic(folder / TEST_FILE, [_user_json(u, with_gold=False) for u in test_users])
-    golds = [{"id": q.id, "output": q.gold} for u in test_users for q in u.queries if q.gold is not None]
-    write_json_atomic(folder / LABEL_FILE, {"task": task.id, "golds": golds})
-    for name, users in ((TEST_PROFILE_FILE, test_users), (OTHERS_PROFILE_FILE, train_users)):
-        if any(u.profile_text for u in users):
-            write_json_atomic(folder / name, [{"user_id": u.id, "output": u.profile_text or ""} for u in users])
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # The files belong together (users, golds, profiles): write them all into a sibling folder first and swap
+    # it in, so a failure half-way (a full disk) leaves the previous task folder whole, never a mix of both.
+    staging = Path(tempfile.mkdtemp(prefix=f".{task.id}.new-", dir=folder.parent))
+    try:
+        write_json_atomic(staging / OTHERS_FILE, [_user_json(u, with_gold=True) for u in train_users])
+        write_json_atomic(staging / TEST_FILE, [_user_json(u, with_gold=False) for u in test_users])
+        golds = [{"id": q.id, "output": q.gold} for u in test_users for q in u.queries if q.gold is not None]
+        write_json_atomic(staging / LABEL_FILE, {"task": task.id, "golds": golds})
+        for name, users in ((TEST_PROFILE_FILE, test_users), (OTHERS_PROFILE_FILE, train_users)):
+            if any(u.profile_text for u in users):
+                write_json_atomic(staging / name,
+                                  [{"user_id": u.id, "output": u.profile_text or ""} for u in users])
+        _swap_in(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Replace `folder` by `staging` with renames; the old folder is removed only once the new one is in place."""
+    old = None
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        old.rmdir()
+        os.replace(folder, old)
+    try:
+        os.replace(staging, folder)
+    except BaseException:
+        if old is not None:
+            os.replace(old, folder)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- the official LaMP files ---------------------------------------------------------------------------------

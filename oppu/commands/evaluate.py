@@ -31,8 +31,9 @@ def evaluate_files(task_id: str, golds_path: str, preds_path: str, normalize: bo
         if isinstance(declared, str) and declared != task.id:
             raise ValueError(f"{path} is for task {declared!r}, not {task.id}: pass the matching --task")
         if not isinstance(data, (dict, list)):
-            raise ValueError(  # noqa: TRY004 - a wrong file content, reported like every other input errorf"{path}: expected a list of {{id, output}} or {{task, golds}}, got a JSON "
-                             f"{type(data).__name__}")
+            # A wrong file content is reported like every other input error, hence ValueError.
+            raise ValueError(f"{path}: expected a list of {{id, output}} or {{task, golds}}, got a JSON "  # noqa: TRY004
+                             f"{type(data).__name__}; fix the file's top level")
     _, gold_outputs, pred_outputs = match_by_id(golds, preds)
     if normalize:
         pred_outputs = [task.normalize(p) for p in pred_outputs]

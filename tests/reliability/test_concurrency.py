@@ -32,6 +32,7 @@ READER = textwrap.dedent("""
     import json, sys, time
     from oppu.store import Store
     store = Store(sys.argv[1])
+    print("ready", flush=True)  # the writers start only once the reader is polling
     deadline, expected = time.monotonic() + 60, int(sys.argv[2])
     polls, seen, errors = 0, [], []
     while time.monotonic() < deadline and (not seen or seen[-1] < expected):
@@ -52,6 +53,7 @@ def test_three_writers_and_a_polling_reader(tmp_path):
     batches, per_batch, writers = 12, 20, 3
     expected = writers * batches * per_batch
     reader = subprocess.Popen([sys.executable, "-c", READER, path, str(expected)], stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "ready"
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, str(w), str(batches), str(per_batch)],
                               stderr=subprocess.PIPE, text=True) for w in range(writers)]
     for p in procs:
@@ -60,7 +62,8 @@ def test_three_writers_and_a_polling_reader(tmp_path):
     out, _ = reader.communicate(timeout=60)
     report = json.loads(out)
     assert report["errors"] == []
-    assert report["polls"] > 10
+    # The reader polled while the writers ran (how often depends on the machine's load, so only a floor).
+    assert report["polls"] >= 3
     assert report["seen"] == sorted(report["seen"])  # a reader never sees rows vanish mid-rewrite
     assert report["seen"][-1] == expected
     store = Store(path)

@@ -188,9 +188,6 @@ def test_disk_full_during_a_json_write_keeps_the_previous_file(small_disk):
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no half-written temp file left
 
 
-@pytest.mark.xfail(strict=True, reason="oppu/data.py write_oppu replaces the task folder's files one by one: when "
-                                       "a later file cannot be written, user_others.json is already the new one "
-                                       "and the folder mixes old and new data — reported")
 def test_disk_full_during_data_convert_is_one_line_and_keeps_previous_data(small_disk, tmp_path):
     import json
 
