@@ -67,6 +67,8 @@ class Example:
     target: str
     source_id: str
     """Id of the history item or query the example was built from (for manifests and privacy checks)."""
+    context_ids: tuple[str, ...] = ()
+    """Ids of the retrieved items shown in the prompt (they are trained on too, as context)."""
 
 
 @dataclass
@@ -118,17 +120,20 @@ def build_prompt(task, input_text: str, style: PromptStyle, candidates: Sequence
 
 
 def user_examples(task, history: Sequence[Any], style: PromptStyle, retriever: Retriever | None = None,
-                  profile: str | None = None) -> list[Example]:
-    """One user's history items as training examples (the user's own items only)."""
+                  profile: str | None = None, max_examples: int | None = None, seed: int = 0) -> list[Example]:
+    """One user's history items as training examples (the user's own items only).
+
+    With `max_examples`, a seeded sample of the usable items is drawn first, so retrieval runs only for those.
+    """
+    usable = [(i, pair) for i, item in enumerate(history) if (pair := task.history_example(item)) is not None]
+    if max_examples is not None and len(usable) > max_examples:
+        usable = sorted(random.Random(seed).sample(usable, max_examples), key=lambda x: x[0])
     examples = []
-    for index, item in enumerate(history):
-        pair = task.history_example(item)
-        if pair is None:
-            continue
-        input_text, target = pair
-        prompt, _ = build_prompt(task, input_text, style, _earlier(history, index) if style.retrieval else (),
-                                 retriever, profile)
-        examples.append(Example(prompt, target, str(item.id)))
+    for index, (input_text, target) in usable:
+        prompt, retrieved = build_prompt(task, input_text, style,
+                                         _earlier(history, index) if style.retrieval else (), retriever, profile)
+        examples.append(Example(prompt, target, str(history[index].id),
+                                tuple(str(item.id) for item, _ in retrieved)))
     return examples
 
 
@@ -260,9 +265,7 @@ def train_user(pool: AdapterPool, tokenizer, task, user, style: PromptStyle, pef
     import torch
 
     items = list(user.history if history is None else history)
-    examples = user_examples(task, items, style, retriever, profile)
-    if train_cfg.max_examples is not None and len(examples) > train_cfg.max_examples:
-        examples = random.Random(train_cfg.seed).sample(examples, train_cfg.max_examples)
+    examples = user_examples(task, items, style, retriever, profile, train_cfg.max_examples, train_cfg.seed)
     key = adapter_key or str(user.id)
     torch.manual_seed(train_cfg.seed)  # adapter initialisation is part of the seeded run
     name = pool.add(key, peft_cfg)
@@ -273,8 +276,8 @@ def train_user(pool: AdapterPool, tokenizer, task, user, style: PromptStyle, pef
     curve = train_loop(pool.model, params, encoded, train_cfg, _pad_id(tokenizer), stage, progress, should_stop)
     for p in params:
         p.requires_grad_(False)
-    used = {ex.source_id for ex in examples}
-    kept = [item for item in items if str(item.id) in used]
+    used = {ex.source_id for ex in examples} | {i for ex in examples for i in ex.context_ids}
+    kept = [item for item in items if str(item.id) in used]  # targets and retrieved context, in history order
     return TrainResult(user_id=str(user.id), adapter=name, curve=curve, examples=len(examples),
                        item_ids=[str(item.id) for item in kept],
                        data_hash=items_hash([str(i.id) for i in kept], [task.format_item(i) for i in kept]))

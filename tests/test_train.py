@@ -154,3 +154,17 @@ def test_adapt_task_is_cached_and_merged(tiny_model_dir, tiny_users, tmp_path):
     other = adapt_task(model3, tok, TASK, train, [PromptStyle()], peft_cfg, cfg, tmp_path,
                        model_name="tiny", data_fingerprint="changed", retriever=None)
     assert not other.cached and other.folder != first.folder  # new data, new adapter
+
+
+def test_sampled_examples_and_manifest_items_cover_targets_and_context(tiny_model, tiny_users):
+    model, tok = tiny_model
+    alice = tiny_users[1][0]
+    sample = user_examples(TASK, alice.history, PromptStyle(), max_examples=3, seed=5)
+    assert len(sample) == 3 and sample == user_examples(TASK, alice.history, PromptStyle(), max_examples=3, seed=5)
+    pool = AdapterPool(model)
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_length=128, max_examples=2, seed=1)
+    result = train_user(pool, tok, TASK, alice, RAG, PeftConfig(), cfg, retriever=get_retriever("bm25"))
+    examples = user_examples(TASK, alice.history, RAG, get_retriever("bm25"), max_examples=2, seed=1)
+    expected = {e.source_id for e in examples} | {i for e in examples for i in e.context_ids}
+    assert set(result.item_ids) == expected and result.examples == 2
+    assert all(i.startswith("alice-") for i in result.item_ids)
