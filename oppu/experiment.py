@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, float | None], None]
 USERS_PER_CHUNK = 4
 """Users trained before one mixed-adapter generation pass: rows of several users share batches."""
-MODEL_CACHE = ".cache/models"
+MODEL_CACHE = os.environ.get("OPPU_MODEL_CACHE", ".cache/models")
+"""Where `oppu prepare` put the embedded model's safetensors cache (relative to the working folder)."""
 
 
 # -- presets -------------------------------------------------------------------------------------------------
