@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from oppu.config import METHODS, RunConfig
+from oppu.config import METHODS, ConfigError, RunConfig
 from oppu.train import PromptStyle, StopRequested
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def load_preset(name: str) -> dict[str, Any]:
 
     path = PRESETS_DIR / f"{name}.json"
     if name not in list_presets():
-        raise ValueError(f"unknown preset {name!r}: use one of {', '.join(list_presets())}")
+        raise ConfigError(f"unknown preset {name!r}: use one of {', '.join(list_presets())}")
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
@@ -164,8 +164,11 @@ class _Context:
 
 # -- the run -------------------------------------------------------------------------------------------------
 def run_experiment(cfg: RunConfig, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-                   store=None, run_id: str | None = None, job_id: str | None = None) -> str:
+                   store=None, run_id: str | None = None, job_id: str | None = None,
+                   finalize: bool = True) -> str:
     """Run (or resume, with the same `run_id`) one experiment; returns the run id.
+
+    `finalize=False` leaves the run's status and run-level metrics to the caller (a Ray share of a larger run).
 
     Raises `oppu.data.DataError` / `UnknownUserError` / `UnknownTaskError` for bad inputs before any model loads.
     A `should_stop()` that turns True ends the run early with status `cancelled` (resume it with the same id).
@@ -196,7 +199,8 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, should_stop
                 done += len(chunk)
                 if progress is not None:
                     progress("users", done, len(users), None)
-        store.finish_run(run_id, store.compute_run_metrics(run_id), status="done")
+        if finalize:
+            store.finish_run(run_id, store.compute_run_metrics(run_id), status="done")
     except StopRequested as stop:
         log.info("run %s stopped: %s", run_id, stop)
         store.set_status(run_id, "cancelled")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import fcntl
+import inspect
 import importlib
 import json
 import os
@@ -555,10 +556,13 @@ def _cancel_flag(folder: Path) -> Callable[[], bool]:
 def _open_store(cfg: Any, job: dict[str, Any]) -> Any:
     """Create the run up front so the store links it to this job (the runner fills in what it learns later)."""
     import oppu
+    from oppu.experiment import portable_config
+    from oppu.model import model_key
     from oppu.store import Store
 
     store = Store(cfg.db)
-    store.create_run(job["run_id"], cfg.to_dict(), task=cfg.task, model=cfg.model.name, data_fingerprint="",
+    # Same portable form as run_experiment stores: no absolute (home) paths in the runs table.
+    store.create_run(job["run_id"], portable_config(cfg), task=cfg.task, model=model_key(cfg.model), data_fingerprint="",
                      code_version=oppu.__version__, tag=cfg.tag, job_id=job["job_id"])
     return store
 
@@ -594,8 +598,10 @@ def _ray_share(runner_spec: str | None, config: dict[str, Any], run_id: str, fol
     path = Path(folder)
     cfg = RunConfig.from_dict(config)
     run = resolve_runner(runner_spec)
+    # A share must not mark the shared run done: run_ray_job does that once, after the last share.
+    extra = {"finalize": False} if "finalize" in inspect.signature(run).parameters else {}
     return run(cfg, progress=_progress_writer(path, share=share), should_stop=_cancel_flag(path), store=None,
-               run_id=run_id, job_id=path.name)
+               run_id=run_id, job_id=path.name, **extra)
 
 
 def run_ray_job(job: dict[str, Any], cfg: Any, folder: Path, store: Any, poll_s: float = 1.0) -> None:

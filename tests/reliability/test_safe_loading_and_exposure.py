@@ -114,10 +114,6 @@ def test_exported_zip_leaks_no_secret_or_home_path(hostile_run, tmp_path):
             assert _leaks(name + archive.read(name).decode("utf-8", "replace"), hostile_run.home) == [], name
 
 
-@pytest.mark.xfail(strict=True, reason="oppu/experiment.py run_experiment and oppu/jobs.py _open_store store "
-                                       "cfg.to_dict() (absolute data/db/artifacts/model paths under the user's "
-                                       "home) in runs.config and the model path in runs.model, instead of "
-                                       "portable_config(cfg) / model_key — reported")
 def test_runs_table_config_leaks_no_home_path(hostile_run):
     from oppu.store import Store
 
