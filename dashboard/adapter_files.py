@@ -1,14 +1,13 @@
 """Personal adapters as the Adapters page shows them: a table from the manifests, a zip to export, deletion.
 
-The layout and the export format are those of `oppu adapters` (oppu/commands/adapters.py), whose `find` and
-`export_zip` this reuses: `ARTIFACTS/adapters/<task>/<run id>/<user>/<style>/` holds PEFT's files and
+The layout and the export format are those of `oppu.adapters` (also behind `oppu adapters`), whose `find`
+and `export_zip` this reuses: `ARTIFACTS/adapters/<task>/<run id>/<user>/<style>/` holds PEFT's files and
 `manifest.json`; one export zip holds one user's folder of one run.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,7 +41,7 @@ def folder_kib(folder: Path) -> float:
 def list_adapters(artifacts: str | Path) -> pd.DataFrame:
     """One row per personal adapter (user × run × prompt style), newest first; `folder` is the user's folder of
     that run, the unit that export and delete act on."""
-    from oppu.commands.adapters import find
+    from oppu.adapters import find
 
     rows = []
     for entry in find(artifacts):
@@ -62,7 +61,7 @@ def list_adapters(artifacts: str | Path) -> pd.DataFrame:
 
 def _user_folder(folder: str | Path, artifacts: str | Path):
     """The `find` entry of a user's folder of one run; refuses any folder that is not one under `artifacts`."""
-    from oppu.commands.adapters import find
+    from oppu.adapters import find
 
     wanted = Path(folder).resolve()
     for entry in find(artifacts):
@@ -80,7 +79,7 @@ def manifests(folder: str | Path, artifacts: str | Path) -> dict[str, dict]:
 def adapter_zip(folder: str | Path, artifacts: str | Path) -> bytes:
     """The user's folder of one run as the zip `oppu adapters export` writes (importable with `oppu adapters
     import`)."""
-    from oppu.commands.adapters import export_zip
+    from oppu.adapters import export_zip
 
     entry = _user_folder(folder, artifacts)
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,4 +88,6 @@ def adapter_zip(folder: str | Path, artifacts: str | Path) -> bytes:
 
 def delete_adapter(folder: str | Path, artifacts: str | Path) -> None:
     """Delete a user's adapters of one run, as `oppu adapters delete USER --run RUN` does."""
-    shutil.rmtree(_user_folder(folder, artifacts).folder)
+    from oppu.adapters import delete
+
+    delete(_user_folder(folder, artifacts))
