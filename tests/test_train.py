@@ -168,3 +168,36 @@ def test_sampled_examples_and_manifest_items_cover_targets_and_context(tiny_mode
     expected = {e.source_id for e in examples} | {i for e in examples for i in e.context_ids}
     assert set(result.item_ids) == expected and result.examples == 2
     assert all(i.startswith("alice-") for i in result.item_ids)
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+def test_answer_only_loss_in_chunks_equals_the_full_forward_loss(tiny_model, tiny_users, kind):
+    """The memory-saving path (logits at answer positions only, a batch cut into length chunks) computes the same
+    mean answer-token loss and the same gradients as Hugging Face's full-vocabulary forward."""
+    import torch
+
+    from oppu.train import _accumulate, _right_pad
+
+    model, tok = tiny_model
+    pool = AdapterPool(model)
+    pool.add("a", PeftConfig(kind=kind, dropout=0.0))
+    params = pool.trainable_parameters("a")
+    with torch.no_grad():  # non-zero LoRA B, so the adapter path is exercised too
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    end = answer_end_ids(tok)
+    history = tiny_users[1][0].history
+    examples = user_examples(TASK, history, PromptStyle())[:2] + user_examples(TASK, history, RAG,
+                                                                                get_retriever("bm25"))[2:5]
+    batch = [encode_example(tok, ex, 1024, end) for ex in examples]
+    assert len({len(ids) for ids, _ in batch}) > 1  # rows of different lengths, so chunks and padding differ
+    ids, mask, labels = _right_pad(batch, tok.pad_token_id, "cpu")
+    reference = pool.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    reference.backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    loss = _accumulate(pool.model, batch, tok.pad_token_id, "cpu", tokens_per_forward=2 * len(batch[0][0]))
+    assert loss == pytest.approx(float(reference), rel=1e-5)
+    for got, want in zip([p.grad for p in params], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
