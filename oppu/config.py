@@ -163,10 +163,12 @@ class RunConfig:
     """Train (or reuse from cache) the task-adapted base before personal adapters, as the paper does."""
     adaptation_peft: PeftConfig = field(default_factory=_default_adaptation_peft)
     adaptation_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=1, lr=1e-3, batch_size=8, max_length=384, max_examples=256))
+        default_factory=lambda: TrainConfig(epochs=1, lr=1e-3, batch_size=8, max_length=256, max_examples=128))
+    """CPU-sized (docs/RESULTS.md): 16 steps teach the label format; cached per task and reused by every run."""
     user_peft: PeftConfig = field(default_factory=PeftConfig)
     user_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=2, lr=1e-3, batch_size=8, max_length=384, max_examples=None))
+        default_factory=lambda: TrainConfig(epochs=3, lr=1e-3, batch_size=4, max_length=256, max_examples=16))
+    """CPU-sized: a user's 16 most recent items, 3 epochs = 12 steps of 4 (small batches: more updates per token)."""
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     history_format: Literal["full", "text_only"] = "full"

@@ -234,7 +234,9 @@ def _build(cfg: RunConfig, run_id: str, task, data, store, progress, should_stop
     retriever = get_retriever(cfg.retrieval.retriever,
                               partial(task.format_item, text_only=cfg.history_format == "text_only"))
     if cfg.task_adaptation and data.train_users:
-        styles = [method_style(cfg, m) for m in cfg.methods]
+        # Every method's prompt style, not only this run's: the task-adapted base is then one cache entry per
+        # task and settings, shared by runs that compare different methods (the sample size stays the same).
+        styles = [method_style(cfg, m) for m in METHODS]
         result = adapt_task(model, tokenizer, task, data.train_users, list(dict.fromkeys(styles)),
                             cfg.adaptation_peft, cfg.adaptation_train, cfg.artifacts_dir,
                             model_name=model_key(cfg.model), data_fingerprint=data.fingerprint,

@@ -126,11 +126,15 @@ def user_examples(task, history: Sequence[Any], style: PromptStyle, retriever: R
                   profile: str | None = None, max_examples: int | None = None, seed: int = 0) -> list[Example]:
     """One user's history items as training examples (the user's own items only).
 
-    With `max_examples`, a seeded sample of the usable items is drawn first, so retrieval runs only for those.
+    With `max_examples`, the user's MOST RECENT usable items are kept (by date, undated items by list position),
+    chosen before retrieval runs: a very active user's recent behaviour is what their next queries follow (the
+    demo data's behaviour shift, and real users' drifting taste), and older items still serve as retrieved
+    context. `seed` is kept for callers; the choice itself is deterministic.
     """
     usable = [(i, pair) for i, item in enumerate(history) if (pair := task.history_example(item)) is not None]
     if max_examples is not None and len(usable) > max_examples:
-        usable = sorted(random.Random(seed).sample(usable, max_examples), key=lambda x: x[0])
+        by_recency = sorted(usable, key=lambda x: (getattr(history[x[0]], "date", None) or "", x[0]))
+        usable = sorted(by_recency[-max_examples:], key=lambda x: x[0])
     examples = []
     for index, (input_text, target) in usable:
         prompt, retrieved = build_prompt(task, input_text, style,

@@ -161,6 +161,8 @@ def test_sampled_examples_and_manifest_items_cover_targets_and_context(tiny_mode
     alice = tiny_users[1][0]
     sample = user_examples(TASK, alice.history, PromptStyle(), max_examples=3, seed=5)
     assert len(sample) == 3 and sample == user_examples(TASK, alice.history, PromptStyle(), max_examples=3, seed=5)
+    newest = sorted(alice.history, key=lambda item: item.date or "")[-3:]  # a bound keeps the most recent items
+    assert {e.source_id for e in sample} == {str(item.id) for item in newest}
     pool = AdapterPool(model)
     cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_length=128, max_examples=2, seed=1)
     result = train_user(pool, tok, TASK, alice, RAG, PeftConfig(), cfg, retriever=get_retriever("bm25"))
