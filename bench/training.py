@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             moved_sq += float((theirs[key] - init_state[key]).pow(2).sum())
     diff = (diff_sq / max(moved_sq, 1e-30)) ** 0.5
 
+    # Other work on a shared CPU lowers the measured peak too: measure it again and keep the best of both, so
+    # the fraction is never flattered by a peak measured in a busy moment.
+    peak = max(peak, matmul_peak_gflops())
     rows = []
     for p, label in ((seq, "sequential per-user loop (oppu.train.train_users, PEFT)"),
                      (ours, "multi-user batched (oppu.multilora.train_users_batched)")):
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
              f"fp32; {args.tokens_per_forward} padded tokens per forward in the batched path",
              f"multilora vs sequential: {speedup:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
              + verdict(speedup, TARGET_SPEEDUP),
-             f"multilora at {fraction:.0%} of the fp32 matmul peak ({peak:.0f} GFLOP/s measured here): "
+             f"multilora at {fraction:.0%} of the fp32 matmul peak ({peak:.0f} GFLOP/s: the best of two "
+             "measurements, before and after the training runs): "
              + verdict(fraction, TARGET_PEAK_FRACTION),
              f"peak RSS of the {len(users)}-user batched run: {ours.peak_mib:.0f} MiB: "
              + verdict(ours.peak_mib or 0, TARGET_RSS_MIB, higher_is_better=False),
