@@ -179,9 +179,9 @@ def append_report(title: str, table: str, notes: Sequence[str] = (), write: bool
     shared = info["load_avg"][0] > (info["cores"] or 1) * 0.75
     lines = [f"\n### {title}", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `{command}`",
-             f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
-             f"{info['mem_gib']} GiB, cuda={info['cuda']}; python {info['python']}, torch {info['torch']}, "
-             f"transformers {info['transformers']}, peft {info['peft']}",
+             (f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+              f"{info['mem_gib']} GiB, cuda={info['cuda']}; python {info['python']}, torch {info['torch']}, "
+              f"transformers {info['transformers']}, peft {info['peft']}"),
              f"- load average at the end: {info['load_avg']}"
              + (" (the CPU was SHARED with other work during this run)" if shared else ""), "", table]
     lines += ["", *[f"- {n}" for n in notes]] if notes else []

@@ -16,8 +16,15 @@ from __future__ import annotations
 import argparse
 import copy
 
-from bench.common import (append_report, demo_users, load_default_model, markdown_table, random_lora_state, run_rounds,
-                          verdict)
+from bench.common import (
+    append_report,
+    demo_users,
+    load_default_model,
+    markdown_table,
+    random_lora_state,
+    run_rounds,
+    verdict,
+)
 
 TARGET_VS_SEQUENTIAL = 8.0
 TARGET_VS_ADAPTER_NAMES = 1.5
@@ -54,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
     args = parser.parse_args(argv)
 
+    from peft.utils import set_peft_model_state_dict
+
     from oppu.config import GenerationConfig, PeftConfig
     from oppu.generate import encode_prompt, generate
     from oppu.model import AdapterPool, eos_token_ids
     from oppu.multilora import MultiLora, generate_ids
     from oppu.tasks import get_task
-    from peft.utils import set_peft_model_state_dict
 
     task = get_task(args.task)
     budget = args.max_new_tokens or task.max_new_tokens
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     best, results = run_rounds(paths, args.rounds)
     ours, mixed, seq = best["multilora"], best["adapter_names"], best["sequential"]
     ours_ids, mixed_text, seq_ids = results["multilora"], results["adapter_names"], results["sequential"]
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
     ours_text = [decode(ids) for ids in ours_ids]
     seq_text = [decode(seq_ids[i]) for i in range(len(prompts))]
     tokens = sum(len(ids) for ids in ours_ids)
@@ -116,18 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     vs_seq, vs_mixed = seq.seconds / ours.seconds, mixed.seconds / ours.seconds
     same_seq = sum(a == b for a, b in zip(ours_text, seq_text, strict=True))
     same_mixed = sum(a == b for a, b in zip(ours_text, mixed_text, strict=True))
-    notes = [f"workload: {task.id}, {len(users)} users x {args.queries} queries, prompts "
-             f"{min(map(len, encoded))}-{max(map(len, encoded))} tokens, budget {budget} new tokens, "
-             f"{tokens} tokens generated, batch {args.batch_size}, greedy fp32, LoRA r={peft_cfg.r} on "
-             f"{'/'.join(peft_cfg.target_modules)} with random non-zero weights",
-             f"multilora vs sequential: {vs_seq:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
-             + verdict(vs_seq, TARGET_VS_SEQUENTIAL),
-             f"multilora vs adapter_names: {vs_mixed:.2f}x wall, {mixed.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
-             + verdict(vs_mixed, TARGET_VS_ADAPTER_NAMES),
-             f"identical answers: {same_seq}/{len(prompts)} with the sequential loop, {same_mixed}/{len(prompts)} "
-             "with adapter_names (greedy; a difference means a near-tie flipped by batched fp32 rounding)",
-             f"each path ran {args.rounds} time(s), order alternating between rounds; the fastest wall time (and "
-             "its CPU time) is reported, since other work on a shared CPU only ever adds time"]
+    notes = [(f"workload: {task.id}, {len(users)} users x {args.queries} queries, prompts "
+              f"{min(map(len, encoded))}-{max(map(len, encoded))} tokens, budget {budget} new tokens, "
+              f"{tokens} tokens generated, batch {args.batch_size}, greedy fp32, LoRA r={peft_cfg.r} on "
+              f"{'/'.join(peft_cfg.target_modules)} with random non-zero weights"),
+             (f"multilora vs sequential: {vs_seq:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
+              + verdict(vs_seq, TARGET_VS_SEQUENTIAL)),
+             (f"multilora vs adapter_names: {vs_mixed:.2f}x wall, {mixed.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
+              + verdict(vs_mixed, TARGET_VS_ADAPTER_NAMES)),
+             (f"identical answers: {same_seq}/{len(prompts)} with the sequential loop, {same_mixed}/{len(prompts)} "
+              "with adapter_names (greedy; a difference means a near-tie flipped by batched fp32 rounding)"),
+             (f"each path ran {args.rounds} time(s), order alternating between rounds; the fastest wall time (and "
+              "its CPU time) is reported, since other work on a shared CPU only ever adds time")]
     append_report("Generation: many users in one batch", markdown_table(rows), notes, write=not args.no_report)
     return 0
 

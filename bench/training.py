@@ -16,8 +16,15 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import (append_report, demo_users, load_default_model, markdown_table, matmul_peak_gflops,
-                          phase, verdict)
+from bench.common import (
+    append_report,
+    demo_users,
+    load_default_model,
+    markdown_table,
+    matmul_peak_gflops,
+    phase,
+    verdict,
+)
 
 TARGET_SPEEDUP = 1.5
 TARGET_PEAK_FRACTION = 0.5
@@ -70,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     style = PromptStyle()
     peak = matmul_peak_gflops()
     model, tokenizer = load_default_model()
-    pool_users = sorted(demo_users(task.id, 64 if args.users <= 64 else args.users),
+    pool_users = sorted(demo_users(task.id, max(64, args.users)),
                         key=lambda u: -len(u.history))[: args.users]
     users = [User(id=u.id, history=u.history[: args.items], queries=u.queries) for u in pool_users]
     end_ids = answer_end_ids(tokenizer)
     encoded = {str(u.id): [encode_example(tokenizer, ex, train_cfg.max_length, end_ids)
                            for ex in user_examples(task, u.history, style)] for u in users}
-    batches = {uid: [[TrainExample(tuple(encoded[uid][i][0]), tuple(encoded[uid][i][1])) for i in batch]
+    batches = {uid: [[TrainExample(tuple(rows[i][0]), tuple(rows[i][1])) for i in batch]
                      for batch in make_batches(len(rows), train_cfg.batch_size, train_cfg.epochs, train_cfg.seed)]
                for uid, rows in encoded.items()}
     all_rows = [row for rows in encoded.values() for row in rows]
@@ -127,21 +134,21 @@ def main(argv: list[str] | None = None) -> int:
                      "GFLOP/s": work / p.seconds, "of peak": work / p.seconds / peak,
                      "speed-up (wall)": seq.seconds / p.seconds, "peak RSS MiB": p.peak_mib})
     speedup, fraction = seq.seconds / ours.seconds, work / ours.seconds / peak
-    notes = [f"workload: {task.id}, {len(users)} users x {args.items} history items -> {len(all_rows)} examples, "
-             f"{n_tokens} tokens over {train_cfg.epochs} epochs, batch {train_cfg.batch_size} per user, "
-             f"max_length {train_cfg.max_length}, LoRA r={peft_cfg.r} on {'/'.join(peft_cfg.target_modules)}, "
-             f"fp32; {args.tokens_per_forward} padded tokens per forward in the batched path",
-             f"multilora vs sequential: {speedup:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
-             + verdict(speedup, TARGET_SPEEDUP),
-             f"multilora at {fraction:.0%} of the fp32 matmul peak ({peak:.0f} GFLOP/s: the best of two "
-             "measurements, before and after the training runs): "
-             + verdict(fraction, TARGET_PEAK_FRACTION),
-             f"peak RSS of the {len(users)}-user batched run: {ours.peak_mib:.0f} MiB: "
-             + verdict(ours.peak_mib or 0, TARGET_RSS_MIB, higher_is_better=False),
-             f"the two paths' final adapters differ by {diff:.1e} of the distance training moved them "
-             "(||ours - theirs|| / ||theirs - initial||; same examples, batches, schedule and initial weights)",
-             "useful work counts 4 FLOPs per body parameter per real token (forward + input-gradient backward) and "
-             "the vocabulary projection on answer tokens only; padding and attention scores are not counted",
+    notes = [(f"workload: {task.id}, {len(users)} users x {args.items} history items -> {len(all_rows)} examples, "
+              f"{n_tokens} tokens over {train_cfg.epochs} epochs, batch {train_cfg.batch_size} per user, "
+              f"max_length {train_cfg.max_length}, LoRA r={peft_cfg.r} on {'/'.join(peft_cfg.target_modules)}, "
+              f"fp32; {args.tokens_per_forward} padded tokens per forward in the batched path"),
+             (f"multilora vs sequential: {speedup:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
+              + verdict(speedup, TARGET_SPEEDUP)),
+             (f"multilora at {fraction:.0%} of the fp32 matmul peak ({peak:.0f} GFLOP/s: the best of two "
+              "measurements, before and after the training runs): "
+              + verdict(fraction, TARGET_PEAK_FRACTION)),
+             (f"peak RSS of the {len(users)}-user batched run: {ours.peak_mib:.0f} MiB: "
+              + verdict(ours.peak_mib or 0, TARGET_RSS_MIB, higher_is_better=False)),
+             (f"the two paths' final adapters differ by {diff:.1e} of the distance training moved them "
+              "(||ours - theirs|| / ||theirs - initial||; same examples, batches, schedule and initial weights)"),
+             ("useful work counts 4 FLOPs per body parameter per real token (forward + input-gradient backward) and "
+              "the vocabulary projection on answer tokens only; padding and attention scores are not counted"),
              "the multilora path ran first (cold) on the same model object, then the baseline"]
     append_report("Training: many users' adapters in one loop", markdown_table(rows), notes,
                   write=not args.no_report)

@@ -116,12 +116,10 @@ def test_mixed_batch_forward_matches_each_users_peft_forward(base, states):
 
 def test_route_guards_misuse(base, states):
     ml = multi_with(base, states)
-    with pytest.raises(MultiLoraError, match="no adapter named 'zed'"):
-        with ml.route(["zed"]):
-            pass
-    with pytest.raises(MultiLoraError, match="route was set for 1"):
-        with torch.no_grad(), ml.route(["ann"]):
-            ml.model(input_ids=torch.randint(3, VOCAB, (2, 4)))
+    with pytest.raises(MultiLoraError, match="no adapter named 'zed'"), ml.route(["zed"]):
+        pass
+    with pytest.raises(MultiLoraError, match="route was set for 1"), torch.no_grad(), ml.route(["ann"]):
+        ml.model(input_ids=torch.randint(3, VOCAB, (2, 4)))
     with pytest.raises(MultiLoraError, match="rank 16"):
         ml.load_state_dict("big", random_lora_state(base, 16, seed=9), alpha=8, r=16)
 
@@ -161,8 +159,8 @@ def test_remove_frees_the_slot_and_zeroes_it(base, states):
 def peft_greedy(peft_model, ids: list[int], adapter: str | None, max_new: int, eos: list[int]) -> list[int]:
     """Per-user reference: one prompt, no padding, PEFT's own generate."""
     inp = torch.tensor([ids])
-    kwargs = dict(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new, do_sample=False,
-                  eos_token_id=eos, pad_token_id=0)
+    kwargs = {"input_ids": inp, "attention_mask": torch.ones_like(inp), "max_new_tokens": max_new,
+              "do_sample": False, "eos_token_id": eos, "pad_token_id": 0}
     with torch.no_grad():
         if adapter is None:
             with peft_model.disable_adapter():
@@ -171,8 +169,7 @@ def peft_greedy(peft_model, ids: list[int], adapter: str | None, max_new: int, e
             peft_model.set_adapter(adapter)
             out = peft_model.generate(**kwargs)
     new = out[0, inp.shape[1]:].tolist()
-    cut = [t for t in new[:next((i for i, t in enumerate(new) if t in eos), len(new))]]
-    return cut
+    return new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
 
 
 def test_generation_equals_per_user_peft_token_for_token(base, states):
@@ -267,7 +264,7 @@ def test_batched_training_equals_training_each_user_alone(base, states):
     # users drop out of and into steps: per-user step counts and schedules must still match training alone.
     per_user = {"ann": user_batches(1, 7), "ben": user_batches(2, 3), "cat": [[], [], []] + user_batches(3, 5)}
     assert len({len(b) for b in per_user.values()}) == 3
-    hp = dict(lr=5e-2, wd=0.01, warmup_ratio=0.34, max_norm=0.5)  # large lr: differences would show
+    hp = {"lr": 5e-2, "wd": 0.01, "warmup_ratio": 0.34, "max_norm": 0.5}  # large lr: differences would show
     ml = multi_with(base, states, capacity=4)
     ml.add("idle", seed=5)  # a slot that must not move
     idle_before = ml.state_dict("idle")
