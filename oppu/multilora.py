@@ -706,8 +706,6 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
     per user id; `progress(stage, step, total, loss)` is called once per step and user, with stage
     `user:<id>:<style>` as in `oppu.train`. Raises `oppu.train.StopRequested` when `should_stop()` turns true.
     """
-    import random
-
     from oppu.model import items_hash
     from oppu.train import StopRequested, TrainResult, _pad_id, answer_end_ids, encode_example, user_examples
 
@@ -719,16 +717,15 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
     for user in users:
         uid = str(user.id)
         items = list(user.history if histories is None or uid not in histories else histories[uid])
-        examples = user_examples(task, items, style, retriever, (profiles or {}).get(uid))
-        if train_cfg.max_examples is not None and len(examples) > train_cfg.max_examples:
-            examples = random.Random(train_cfg.seed).sample(examples, train_cfg.max_examples)
+        examples = user_examples(task, items, style, retriever, (profiles or {}).get(uid), train_cfg.max_examples,
+                                 train_cfg.seed)
         key = (adapter_keys or {}).get(uid, uid)
         ml.add(key, seed=train_cfg.seed, alpha=peft_cfg.alpha)
         encoded = [TrainExample(*map(tuple, encode_example(tokenizer, ex, train_cfg.max_length, end_ids)))
                    for ex in examples]
         batches[key] = [[encoded[i] for i in batch] for batch in
                         make_batches(len(encoded), train_cfg.batch_size, train_cfg.epochs, train_cfg.seed)]
-        used = {ex.source_id for ex in examples}
+        used = {ex.source_id for ex in examples} | {i for ex in examples for i in getattr(ex, "context_ids", ())}
         info[key] = (uid, examples, [item for item in items if str(item.id) in used])
     stopped = []
 

@@ -335,7 +335,7 @@ def test_train_users_is_a_drop_in_for_the_per_user_loop(tiny_model, tiny_users):
     model, tokenizer = tiny_model
     task, (_, users) = get_task("LaMP_2M"), tiny_users
     peft_cfg = PeftConfig(dropout=0.0)
-    train_cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, max_length=128)
+    train_cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, max_length=128, max_examples=5)
     ml = MultiLora.from_peft_config(copy.deepcopy(model), peft_cfg, capacity=len(users))
     ours = train_users(ml, tokenizer, task, users, PromptStyle(), peft_cfg, train_cfg)
     theirs = train_users_per_user(AdapterPool(model), tokenizer, task, users, PromptStyle(), peft_cfg, train_cfg)
