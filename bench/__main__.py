@@ -21,6 +21,8 @@ BENCHES: dict[str, tuple[str, str, str]] = {
                    "--no-report"),
     "training": ("bench.training", "16 users x 16 items: multi-user batched training vs per-user loop",
                  "--no-report"),
+    "e2e": ("bench.e2e", "16 LaMP_2M users end to end: run_experiment (OPPU) vs the official per-user loop",
+            "--no-report"),
     "store": ("bench.bench_store", "every dashboard query on 1,000,000 prediction rows", "--no-write"),
 }
 
