@@ -80,7 +80,8 @@ class TrainConfig:
     max_length: int = 512
     """Token cutoff of one training example (the paper: 2048; smaller keeps CPU runs short)."""
     max_examples: int | None = None
-    """Bound on the number of training examples (a seeded sample); None trains on all of them."""
+    """Bound on the number of training examples; None trains on all of them. Per-user training keeps the user's
+    most recent items (their next queries follow recent behaviour); task adaptation takes a seeded sample."""
     seed: int = 0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
