@@ -27,6 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from oppu.paths import atomic_folder
 from oppu.tasks import TASKS, Task, get_task
 
 OTHERS_FILE = "user_others.json"
@@ -530,11 +531,9 @@ def write_oppu(task: Task | str, train_users: Sequence[User], test_users: Sequen
     """
     task = task if isinstance(task, Task) else get_task(task)
     folder = Path(out_dir) / task.id
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # The files belong together (users, golds, profiles): write them all into a sibling folder first and swap
-    # it in, so a failure half-way (a full disk) leaves the previous task folder whole, never a mix of both.
-    staging = Path(tempfile.mkdtemp(prefix=f".{task.id}.new-", dir=folder.parent))
-    try:
+    # The files belong together (users, golds, profiles): they are written into a sibling folder and swapped in
+    # as a whole, so a failure half-way (a full disk) leaves the previous task folder whole, never a mix of both.
+    with atomic_folder(folder) as staging:
         write_json_atomic(staging / OTHERS_FILE, [_user_json(u, with_gold=True) for u in train_users])
         write_json_atomic(staging / TEST_FILE, [_user_json(u, with_gold=False) for u in test_users])
         golds = [{"id": q.id, "output": q.gold} for u in test_users for q in u.queries if q.gold is not None]
@@ -543,28 +542,7 @@ def write_oppu(task: Task | str, train_users: Sequence[User], test_users: Sequen
             if any(u.profile_text for u in users):
                 write_json_atomic(staging / name,
                                   [{"user_id": u.id, "output": u.profile_text or ""} for u in users])
-        _swap_in(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
-
-
-def _swap_in(staging: Path, folder: Path) -> None:
-    """Replace `folder` by `staging` with renames; the old folder is removed only once the new one is in place."""
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        old.rmdir()
-        os.replace(folder, old)
-    try:
-        os.replace(staging, folder)
-    except BaseException:
-        if old is not None:
-            os.replace(old, folder)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- the official LaMP files ---------------------------------------------------------------------------------
@@ -754,7 +732,6 @@ def lamp_urls(task: Task | str, base_url: str = LAMP_BASE_URL) -> dict[str, str]
 def download_lamp(task: Task | str, out_dir: str | os.PathLike[str], base_url: str = LAMP_BASE_URL,
                   timeout: float = 60.0) -> list[Path]:
     """Download a task's official train/dev files into `out_dir/<task id>/`; DataError when unreachable."""
-    import shutil
     import urllib.error
     import urllib.request
 

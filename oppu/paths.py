@@ -5,9 +5,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -45,3 +49,34 @@ def within(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
 def user_adapter_dir(root: str | os.PathLike[str], task: str, run_key: str, user_id: str) -> Path:
     """Folder of one user's personal adapter: root/<task>/<run key>/<user>, each part made safe."""
     return within(root, Path(safe_component(task)) / safe_component(run_key) / safe_component(user_id))
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a folder's content in a temporary sibling, then swap it in for `target` by renames.
+
+    A reader (or a crash, or a full disk) never sees half a folder: until the block ends without an error the old
+    `target` stays as it was, and on an error the temporary folder is removed. The old folder is deleted only once
+    the new one is in place. Used for adapters, the model cache and data folders.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old.rmdir()
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -40,3 +40,22 @@ def test_within_refuses_escapes(tmp_path):
 def test_user_adapter_dir_stays_under_root(tmp_path):
     folder = user_adapter_dir(tmp_path, "LaMP_2M", "../run", "../../../etc")
     assert folder.parent.parent.parent == tmp_path.resolve() and folder.parts[-3] == "LaMP_2M"
+
+
+def test_atomic_folder_swaps_in_whole_and_keeps_the_old_one_on_error(tmp_path):
+    from oppu.paths import atomic_folder
+
+    target = tmp_path / "adapter"
+    with atomic_folder(target) as tmp:
+        (tmp / "a.json").write_text("1")
+    assert (target / "a.json").read_text() == "1"
+
+    with pytest.raises(OSError, match="disk full"), atomic_folder(target) as tmp:
+        (tmp / "a.json").write_text("2")
+        raise OSError("disk full")
+    assert (target / "a.json").read_text() == "1"  # the previous content, untouched
+
+    with atomic_folder(target) as tmp:
+        (tmp / "b.json").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b.json"]  # replaced as a whole, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left behind
