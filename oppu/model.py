@@ -36,7 +36,7 @@ BASE_ADAPTER = "__base__"
 """Adapter name PEFT understands as 'no adapter' inside a mixed batch."""
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
-_CACHE_FORMAT = 1  # bump when the cache layout changes so stale caches are rebuilt
+_CACHE_FORMAT = 2  # bump when the cache layout changes so stale caches are rebuilt
 
 
 class ModelLoadError(RuntimeError):
@@ -124,7 +124,7 @@ def _untied_state_dict(model) -> dict[str, Any]:
 
 def prepare_embedded_model(cache_dir: str | os.PathLike = ".cache/models", name: str = EMBEDDED_MODEL,
                            force: bool = False) -> Path:
-    """Convert the embedded GGUF once into `cache_dir/<name>-v1/` (config, tokenizer, model.safetensors).
+    """Convert the embedded GGUF once into `cache_dir/<name>-v<format>/` (config, tokenizer, model.safetensors).
 
     Safe across processes: a lock serialises builders and the folder appears by an atomic rename, so a reader
     never sees half a cache. Returns the cache folder.
@@ -146,6 +146,10 @@ def prepare_embedded_model(cache_dir: str | os.PathLike = ".cache/models", name:
             state = _untied_state_dict(model)
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             model.config.tie_word_embeddings = "lm_head.weight" not in state
+            # The weights written are dequantized fp32: a `quantization_config: gguf` left in config.json would
+            # make every later load claim to be quantized (and transformers' Trainer refuse to train it).
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
             model.config.save_pretrained(tmp)
             model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
