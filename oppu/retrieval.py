@@ -55,11 +55,14 @@ def is_before(item_date: str | None, before: str | None) -> bool:
     return a < b
 
 
+def visible_indices(items: Sequence[Any], before: str | None) -> list[int]:
+    """Positions of the items a query dated `before` may see."""
+    return [i for i, item in enumerate(items) if before is None or is_before(getattr(item, "date", None), before)]
+
+
 def visible(items: Sequence[Any], before: str | None) -> list[Any]:
     """The items a query dated `before` may see."""
-    if before is None:
-        return list(items)
-    return [item for item in items if is_before(getattr(item, "date", None), before)]
+    return [items[i] for i in visible_indices(items, before)]
 
 
 class Retriever(Protocol):
@@ -74,37 +77,43 @@ def _top_k(items: Sequence[Any], scores: Sequence[float], k: int) -> Scored:
     return [(items[i], float(scores[i])) for i in order[:k]]
 
 
-class BM25Retriever:
-    """Okapi BM25 (rank_bm25) over lower-cased word tokens of each item."""
+class _CandidateRetriever:
+    """Shared shape of retrievers that rank only the visible items: filter by date, then `_rank` them."""
 
-    name = "bm25"
+    name = ""
 
     def __init__(self, text_of: Callable[[Any], str] = default_text):
         self.text_of = text_of
 
     def retrieve(self, query_text: str, items: Sequence[Any], k: int, before: str | None = None) -> Scored:
-        from rank_bm25 import BM25Okapi
-
         candidates = visible(items, before)
         if k <= 0 or not candidates:
             return []
+        return self._rank(query_text, candidates, k)
+
+    def _rank(self, query_text: str, candidates: list[Any], k: int) -> Scored:
+        raise NotImplementedError
+
+
+class BM25Retriever(_CandidateRetriever):
+    """Okapi BM25 (rank_bm25) over lower-cased word tokens of each item."""
+
+    name = "bm25"
+
+    def _rank(self, query_text: str, candidates: list[Any], k: int) -> Scored:
+        from rank_bm25 import BM25Okapi
+
         corpus = [tokenize(self.text_of(item)) or ["<empty>"] for item in candidates]
         scores = BM25Okapi(corpus).get_scores(tokenize(query_text))
         return _top_k(candidates, list(scores), k)
 
 
-class RecencyRetriever:
+class RecencyRetriever(_CandidateRetriever):
     """The k most recent items: by date when known, otherwise later in the history counts as more recent."""
 
     name = "recency"
 
-    def __init__(self, text_of: Callable[[Any], str] = default_text):
-        self.text_of = text_of
-
-    def retrieve(self, query_text: str, items: Sequence[Any], k: int, before: str | None = None) -> Scored:
-        candidates = visible(items, before)
-        if k <= 0 or not candidates:
-            return []
+    def _rank(self, query_text: str, candidates: list[Any], k: int) -> Scored:
         n = len(candidates)
 
         def key(i: int) -> tuple[int, float]:
@@ -166,8 +175,7 @@ class DenseRetriever:
             return []
         # Embed the whole history once (the cache key), then filter: the same user's queries share one entry.
         all_vectors = self._embed_items([self.text_of(item) for item in items])
-        keep = [i for i, item in enumerate(items) if before is None
-                or is_before(getattr(item, "date", None), before)]
+        keep = visible_indices(items, before)
         if not keep:
             return []
         query = _encoder().encode([query_text], convert_to_numpy=True, normalize_embeddings=True)[0]
