@@ -27,7 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from oppu.paths import atomic_folder
+from oppu.paths import atomic_folder, write_json_atomic
 from oppu.tasks import TASKS, Task, get_task
 
 OTHERS_FILE = "user_others.json"
@@ -506,21 +506,6 @@ def _user_json(user: User, with_gold: bool) -> dict[str, Any]:
             record["date"] = q.date
         queries.append(record)
     return {"user_id": user.id, "profile": [item.to_json() for item in user.history], "query": queries}
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_oppu(task: Task | str, train_users: Sequence[User], test_users: Sequence[User],

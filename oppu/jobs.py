@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import fcntl
 import importlib
 import inspect
 import json
@@ -45,6 +44,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from oppu.paths import file_lock, write_json_atomic
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL_STATES = frozenset({"done", "failed", "cancelled"})
@@ -95,10 +96,8 @@ def job_dir(root: str | os.PathLike[str], job_id: str) -> Path:
     return Path(root) / check_job_id(job_id)
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def _write_job(path: Path, job: dict[str, Any]) -> None:
+    write_json_atomic(path, job, default=str)
 
 
 def _read_job(root: str | os.PathLike[str], job_id: str) -> dict[str, Any]:
@@ -112,13 +111,8 @@ def _read_job(root: str | os.PathLike[str], job_id: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def _root_lock(root: str | os.PathLike[str]) -> Iterator[None]:
     """Serialises state changes and slot accounting between the CLI, the dashboard and workers."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    fd = os.open(Path(root) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(Path(root) / ".lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 def _append_event(folder: Path, event: dict[str, Any]) -> None:
@@ -215,7 +209,7 @@ def _reconcile(root: str | os.PathLike[str]) -> None:
         reason = _dead_reason(job, folder)
         if reason is not None:
             job.update(state="interrupted", finished=time.time(), error=f"interrupted: {reason}")
-            _write_json_atomic(folder / "job.json", job)
+            _write_job(folder / "job.json", job)
         elif job.get("state") == "running":
             running += 1
     for job in sorted((j for j in jobs if j.get("state") == "queued"), key=lambda j: j.get("created", 0)):
@@ -236,7 +230,7 @@ def _spawn(root: str | os.PathLike[str], job: dict[str, Any]) -> None:
             start_new_session=True)  # survives the dashboard/CLI exiting; its own process group for SIGTERM
     _children[proc.pid] = proc
     job.update(state="running", pid=proc.pid, host=socket.gethostname(), started=time.time(), finished=None)
-    _write_json_atomic(folder / "job.json", job)
+    _write_job(folder / "job.json", job)
 
 
 # -- public API --------------------------------------------------------------------------------------------------
@@ -270,7 +264,7 @@ def submit(cfg: Any, jobs_root: str | os.PathLike[str] = DEFAULT_ROOT, backend: 
            "cwd": os.getcwd(), "state": "queued", "created": time.time(), "started": None, "finished": None,
            "pid": None, "host": None, "error": None, "traceback": None, "attempts": 0}
     with _root_lock(jobs_root):
-        _write_json_atomic(folder / "job.json", job)
+        _write_job(folder / "job.json", job)
         if start:
             _reconcile(jobs_root)
     return job_id
@@ -393,7 +387,7 @@ def cancel(root: str | os.PathLike[str], job_id: str, wait_s: float = 0.0) -> st
         job = _read_job(root, job_id)
         if job["state"] == "queued":
             job.update(state="cancelled", finished=time.time())
-            _write_json_atomic(folder / "job.json", job)
+            _write_job(folder / "job.json", job)
             return "cancelled"
         if job["state"] != "running":
             return job["state"]
@@ -423,7 +417,7 @@ def resume(root: str | os.PathLike[str], job_id: str) -> str:
         with contextlib.suppress(FileNotFoundError):
             (folder / "cancel").unlink()
         job.update(state="queued", error=None, traceback=None, started=None, finished=None, pid=None)
-        _write_json_atomic(folder / "job.json", job)
+        _write_job(folder / "job.json", job)
         _reconcile(root)
     return job_id
 
@@ -494,7 +488,7 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
             return 2
         job.update(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
                    finished=None, attempts=int(job.get("attempts") or 0) + 1)
-        _write_json_atomic(folder / "job.json", job)
+        _write_job(folder / "job.json", job)
     beat = _Heartbeat(folder)
     beat.start()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
@@ -535,7 +529,7 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
         with _root_lock(root):
             job = _read_job(root, job_id)
             job.update(final, finished=time.time())
-            _write_json_atomic(folder / "job.json", job)
+            _write_job(folder / "job.json", job)
             _reconcile(root)  # a slot is free: start the next queued job
     print(f"job {job_id}: {final.get('state')}" + (f" ({final['error']})" if final.get("error") else ""),
           file=sys.stderr)

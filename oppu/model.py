@@ -14,20 +14,18 @@ No training or generation here: those live in `train.py` and `generate.py`.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from oppu.config import EMBEDDED_MODEL, ModelConfig, PeftConfig
-from oppu.paths import atomic_folder
+from oppu.paths import atomic_folder, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +85,6 @@ def embedded_cache_dir(cache_dir: str | os.PathLike, name: str = EMBEDDED_MODEL)
     from oppu.paths import safe_component
 
     return Path(cache_dir) / f"{safe_component(name.removeprefix(EMBEDDED_PREFIX))}-v{_CACHE_FORMAT}"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cache_complete(folder: Path) -> bool:

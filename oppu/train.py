@@ -23,8 +23,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -388,8 +386,7 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], styles: Sequence[Pr
     import peft
     import torch
 
-    from oppu.model import file_lock
-    from oppu.paths import safe_component
+    from oppu.paths import atomic_folder, file_lock, safe_component
 
     key = adaptation_key(model=model_name, task=task.id, data=data_fingerprint, peft=asdict(peft_cfg),
                          train=asdict(train_cfg), styles=sorted({json.dumps(asdict(s), sort_keys=True) for s in styles}),
@@ -414,21 +411,14 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], styles: Sequence[Pr
         except StopRequested:
             wrapped.unload()  # leave the caller's base model as it was
             raise
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-        try:
+        # A partial folder from a crashed run is replaced as a whole (we hold the lock).
+        with atomic_folder(folder) as tmp:
             wrapped.save_pretrained(str(tmp))
             (tmp / "manifest.json").write_text(json.dumps(
                 {"task": task.id, "model": model_name, "data_fingerprint": data_fingerprint, "key": key,
                  "examples": len(examples), "final_loss": curve[-1][1] if curve else None,
                  "peft": asdict(peft_cfg), "train": asdict(train_cfg), "styles": [s.key for s in styles]},
                 indent=1))
-            if folder.exists():  # a partial folder from a crashed run; we hold the lock
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         merged = wrapped.merge_and_unload()
         merged.eval()
         return AdaptResult(merged, folder, cached=False, curve=curve)
