@@ -85,18 +85,6 @@ def trainer_arguments(train_cfg, output_dir: Path):
         dataloader_pin_memory=False)
 
 
-def forget_gguf_origin(model) -> None:
-    """Drop the GGUF quantizer marker the model cache's config still carries (`quantization_config: gguf`).
-
-    The cached weights are dequantized fp32, but `transformers.Trainer` refuses any model marked GGUF-quantized
-    ("that quantization method do not support training"). The project's own loop never asks, so only the
-    official-style path needs this; it changes no weight and no forward computation.
-    """
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-        model.is_quantized = False
-
-
 def official_loop(model, tokenizer, task, users: Sequence, peft_cfg, train_cfg, max_new_tokens: int,
                   workdir: Path) -> tuple[dict[tuple[str, str], str], dict[str, float]]:
     """Per user: fresh LoRA, fresh Trainer on that user's examples only, save, batch-1 greedy answers, unwrap.
@@ -111,7 +99,6 @@ def official_loop(model, tokenizer, task, users: Sequence, peft_cfg, train_cfg, 
     from oppu.model import eos_token_ids, to_peft_config
     from oppu.train import PromptStyle, answer_end_ids, encode_example, user_examples
 
-    forget_gguf_origin(model)
     end_ids = answer_end_ids(tokenizer)
     eos = eos_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
