@@ -178,6 +178,10 @@ class RunConfig:
     """Behaviour shift: only history items dated before this ISO date train the adapter and feed retrieval."""
     tag: str = ""
     """Free text grouping runs of one analysis (e.g. `k-sweep`)."""
+    batching: Literal["multi_lora", "per_user"] = "multi_lora"
+    """How LoRA users train and answer: `multi_lora` puts a chunk of users in shared batches, each row routed to
+    its own adapter (`oppu/multilora.py`); `per_user` is PEFT's one-user-at-a-time loop, the reference path.
+    IA3 and prompt tuning always run per user (PEFT cannot mix them in one batch)."""
 
     def __post_init__(self) -> None:
         from oppu.tasks import TASKS  # local import: tasks imports nothing from here at module level
@@ -195,6 +199,7 @@ class RunConfig:
         else:
             _require(self.users is not None and self.users >= 1, "users must be >= 1 (or pass user_ids)")
         _require(self.history_format in ("full", "text_only"), "history_format: use full or text_only")
+        _require(self.batching in ("multi_lora", "per_user"), "batching: use multi_lora or per_user")
 
     # -- derived -------------------------------------------------------------------------------------------
     def needs_adapter(self) -> bool:

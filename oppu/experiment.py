@@ -1,6 +1,6 @@
 """One run end to end: data -> task adaptation -> per-user adapters -> every method's predictions -> store.
 
-Layers: resolve (task, data, users, run id) -> build (model, retriever, task-adapted base, adapter pool) -> loop
+Layers: resolve (task, data, users, run id) -> build (model, retriever, task-adapted base, adapter bank) -> loop
 over chunks of users (train, generate, write) -> finish (run-level metrics from every stored prediction).
 
 Adapters per user: one per distinct prompt STYLE the run's methods need, because an adapter should be trained
@@ -12,6 +12,10 @@ base. Adapters are saved under `artifacts/adapters/<task>/<run id>/<user>/<style
 Resumable: a user whose predictions and metrics are stored for every method (`Store.done_users`) and whose
 adapter folders are complete is skipped, so a stopped or crashed job continues where it left off. Results are
 written user chunk by user chunk, never only at the end. Gold answers are read only to score, never to prompt.
+
+Engine: `oppu.banks` holds the adapters. With LoRA (the default) a chunk's users train together in shared
+batches and every method's queries of the chunk are answered in shared batches, each row through its own
+user's adapter (gathered multi-LoRA); IA3, prompt tuning and `batching="per_user"` use PEFT one user at a time.
 
 Progress events are `progress(stage, step, total, loss)`: training stages (`adapt:<task>`,
 `user:<id>:<style>`) report per-step losses; `users` reports users finished (loss None).
@@ -36,8 +40,9 @@ from oppu.train import PromptStyle, StopRequested
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int, float | None], None]
-USERS_PER_CHUNK = 4
-"""Users trained before one mixed-adapter generation pass: rows of several users share batches."""
+USERS_PER_CHUNK = 8
+"""Users trained together and answered in one mixed-adapter generation pass (rows of several users share
+batches). Larger chunks batch more; a killed job redoes at most one chunk."""
 MODEL_CACHE = os.environ.get("OPPU_MODEL_CACHE", ".cache/models")
 """Where `oppu prepare` put the embedded model's safetensors cache (relative to the working folder)."""
 
@@ -141,7 +146,7 @@ def adapter_folder(cfg: RunConfig, run_id: str, user_id: str, style: PromptStyle
     return Path(user_adapter_dir(Path(cfg.artifacts_dir) / "adapters", cfg.task, run_id, user_id)) / style.key
 
 
-def _pool_key(user_id: str, style: PromptStyle) -> str:
+def _adapter_key(user_id: str, style: PromptStyle) -> str:
     return f"{user_id}|{style.key}"
 
 
@@ -154,7 +159,8 @@ class _Context:
     task: Any
     store: Any
     tokenizer: Any
-    pool: Any
+    bank: Any
+    """`oppu.banks.AdapterBank`: where the chunk's adapters train, answer and are saved from."""
     retriever: Any
     styles: list[PromptStyle]
     fingerprint: str
@@ -226,7 +232,8 @@ def _pending_users(cfg: RunConfig, run_id: str, users: Sequence, store) -> list:
 
 
 def _build(cfg: RunConfig, run_id: str, task, data, store, progress, should_stop) -> _Context:
-    from oppu.model import AdapterPool, load_model, model_key
+    from oppu.banks import make_bank
+    from oppu.model import load_model, model_key
     from oppu.retrieval import get_retriever
     from oppu.train import adapt_task
 
@@ -246,13 +253,12 @@ def _build(cfg: RunConfig, run_id: str, task, data, store, progress, should_stop
         store.add_train_curve(run_id, "__task__", "adapt", result.curve)
     elif cfg.task_adaptation:
         log.warning("no other users in %s: task adaptation skipped", data.source)
-    return _Context(cfg, run_id, task, store, tokenizer, AdapterPool(model), retriever, adapter_styles(cfg),
-                    data.fingerprint, progress, should_stop)
+    return _Context(cfg, run_id, task, store, tokenizer, make_bank(model, cfg.user_peft, cfg.batching), retriever,
+                    adapter_styles(cfg), data.fingerprint, progress, should_stop)
 
 
 def _run_chunk(ctx: _Context, users: Sequence) -> None:
     """Train the chunk's adapters, answer every method's queries in shared batches, store, free the adapters."""
-    from oppu.generate import generate
     from oppu.model import model_key
     from oppu.profiles import build_profiles
 
@@ -260,10 +266,10 @@ def _run_chunk(ctx: _Context, users: Sequence) -> None:
     histories = {u.id: visible_history(u, cfg.history_cutoff) for u in users}
     profiles: dict[str, str] = {}
     if any(METHODS[m][2] for m in cfg.methods):
-        profiles = build_profiles(users, task, ctx.pool, ctx.tokenizer, Path(cfg.artifacts_dir),
+        profiles = build_profiles(users, task, ctx.bank.base, ctx.tokenizer, Path(cfg.artifacts_dir),
                                   model_name=model_key(cfg.model), histories=histories, gen_cfg=cfg.generation)
-    for user in users:
-        _train_user_adapters(ctx, user, histories[user.id], profiles.get(user.id))
+    for style in ctx.styles:
+        _train_adapters(ctx, users, style, histories, profiles)
     rows, prompts, adapters = [], [], []
     for user in users:
         for method in cfg.methods:
@@ -273,8 +279,8 @@ def _run_chunk(ctx: _Context, users: Sequence) -> None:
                 rows.append(row)
                 prompts.append(prompt)
                 adapters.append(adapter)
-    raws = generate(ctx.pool, ctx.tokenizer, prompts, adapters, cfg.generation,
-                    max_new_tokens=cfg.generation.max_new_tokens or task.max_new_tokens)
+    raws = ctx.bank.generate(ctx.tokenizer, prompts, adapters, cfg.generation,
+                             cfg.generation.max_new_tokens or task.max_new_tokens)
     for row, raw in zip(rows, raws, strict=True):
         row["raw_output"] = raw
         row["output"] = task.normalize(raw)
@@ -282,27 +288,28 @@ def _run_chunk(ctx: _Context, users: Sequence) -> None:
     _store_user_metrics(ctx, users, rows, histories)
     for user in users:
         for style in ctx.styles:
-            ctx.pool.delete(_pool_key(user.id, style))
+            ctx.bank.delete(_adapter_key(user.id, style))
 
 
-def _train_user_adapters(ctx: _Context, user, history: Sequence, profile: str | None) -> None:
-    from oppu.model import save_user_adapter
-    from oppu.train import train_user
-
+def _train_adapters(ctx: _Context, users: Sequence, style: PromptStyle, histories: dict,
+                    profiles: dict[str, str]) -> None:
+    """One adapter per user of the chunk for this prompt style (each on its own user's data), saved."""
     cfg = ctx.cfg
-    for style in ctx.styles:
-        key = _pool_key(user.id, style)
-        result = train_user(ctx.pool, ctx.tokenizer, ctx.task, user, style, cfg.user_peft, cfg.user_train,
-                            history=history, retriever=ctx.retriever, profile=profile, adapter_key=key,
-                            progress=ctx.progress, should_stop=ctx.should_stop)
+    keys = {str(u.id): _adapter_key(u.id, style) for u in users}
+    results = ctx.bank.train(ctx.tokenizer, ctx.task, users, style, cfg.user_peft, cfg.user_train,
+                             histories={str(u.id): histories[u.id] for u in users}, retriever=ctx.retriever,
+                             profiles={str(u.id): profiles.get(u.id) for u in users}, adapter_keys=keys,
+                             progress=ctx.progress, should_stop=ctx.should_stop)
+    for user in users:
+        result = results[str(user.id)]
         ctx.store.add_train_curve(ctx.run_id, user.id, f"oppu:{style.key}", result.curve)
         manifest = {"user_id": user.id, "run_id": ctx.run_id, "task": cfg.task, "style": style.key,
                     "methods": [m for m in cfg.methods if METHODS[m][0] and method_style(cfg, m) == style],
                     "config": portable_config(cfg), "data_fingerprint": ctx.fingerprint,
                     "data_hash": result.data_hash, "item_ids": result.item_ids, "item_count": len(result.item_ids),
                     "examples": result.examples, "final_loss": result.final_loss, "train_curve": result.curve,
-                    "peft": asdict(cfg.user_peft), "train": asdict(cfg.user_train)}
-        save_user_adapter(ctx.pool, key, adapter_folder(cfg, ctx.run_id, user.id, style), manifest)
+                    "peft": asdict(cfg.user_peft), "train": asdict(cfg.user_train), "engine": ctx.bank.engine}
+        ctx.bank.save(keys[str(user.id)], adapter_folder(cfg, ctx.run_id, user.id, style), manifest)
 
 
 def _query_row(ctx: _Context, user, method: str, query, history: Sequence, profile: str | None
@@ -316,7 +323,7 @@ def _query_row(ctx: _Context, user, method: str, query, history: Sequence, profi
     prompt, retrieved = build_prompt(ctx.task, query.input, style, history if style.retrieval else (),
                                      ctx.retriever, profile, before=query.date)
     uses_adapter = METHODS[method][0]
-    adapter = ctx.pool.name_of(_pool_key(user.id, style)) if uses_adapter else None
+    adapter = _adapter_key(user.id, style) if uses_adapter else None
     row = {"run_id": ctx.run_id, "task": cfg.task, "user_id": user.id, "query_id": query.id, "method": method,
            "k": style.k, "peft": cfg.user_peft.kind if uses_adapter else "",
            "retriever": cfg.retrieval.retriever if style.retrieval else "", "prompt": prompt,

@@ -23,6 +23,7 @@ tested for. No I/O besides adapter folders; no Streamlit.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import math
@@ -60,6 +61,10 @@ class _Route:
     gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     """Without autograd (generation) each layer gathers its rows' factors once per route, not once per decode
     step: layer id -> (A rows, scale * B rows)."""
+    keep: torch.Tensor | None = None
+    """Training with dropout: [n_active, tokens, sum of the wrapped layers' in_features] keep-mask (bool), each
+    row's part drawn from its own seed (see `MultiLora.dropout_mask`), so a row's mask never depends on which
+    other rows share its batch."""
 
 
 class MultiLoraLinear(nn.Module):
@@ -76,8 +81,21 @@ class MultiLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(capacity, r, base.out_features, dtype=weight.dtype,
                                                device=weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.p = dropout
+        self.offset = 0
+        """Where this layer's columns start in a route's keep-mask (set by the owner)."""
         # A plain attribute, not a submodule: the owner must not appear in this module's state dict.
         object.__setattr__(self, "_owner", owner)
+
+    def _drop(self, flat: torch.Tensor, route: _Route) -> torch.Tensor:
+        """LoRA dropout on the routed rows' input: per-row seeded masks when the route has them (multi-user
+        training), the global RNG otherwise (plain `nn.Dropout`, e.g. a caller's own training loop)."""
+        if not self.training or self.p == 0:
+            return flat
+        if route.keep is None:
+            return self.dropout(flat)
+        keep = route.keep[:, :flat.shape[1], self.offset:self.offset + flat.shape[-1]]
+        return flat * keep.to(flat.dtype) * (1.0 / (1.0 - self.p))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -95,14 +113,14 @@ class MultiLoraLinear(nn.Module):
             a = (route.onehot @ self.lora_A.flatten(1)).view(-1, *self.lora_A.shape[1:])
             b = (route.onehot @ self.lora_B.flatten(1)).view(-1, *self.lora_B.shape[1:])
             # Scale the rank-r intermediate, not the [rows, tokens, out] result: r/out of the work.
-            delta = torch.bmm(torch.bmm(self.dropout(flat), a) * route.scale, b)
+            delta = torch.bmm(torch.bmm(self._drop(flat, route), a) * route.scale, b)
         else:
             pair = route.gathered.get(id(self))
             if pair is None:
                 pair = (self.lora_A.index_select(0, route.slots),
                         self.lora_B.index_select(0, route.slots) * route.scale)
                 route.gathered[id(self)] = pair
-            delta = torch.bmm(torch.bmm(self.dropout(flat), pair[0]), pair[1])
+            delta = torch.bmm(torch.bmm(self._drop(flat, route), pair[0]), pair[1])
         delta = delta.reshape(*xs.shape[:-1], delta.shape[-1]).to(out.dtype)
         if route.rows is None:
             return out + delta
@@ -138,9 +156,13 @@ class MultiLora:
         if not self.layers:
             raise MultiLoraError(f"no nn.Linear named {list(self.target_modules)} in the model: pass the "
                                  "projection names of this architecture as target_modules")
+        offset = 0
         for name, layer in self.layers.items():
+            layer.offset = offset
+            offset += layer.base.in_features
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        self._mask_width = offset
 
     @classmethod
     def from_peft_config(cls, model: nn.Module, cfg, capacity: int = 8) -> MultiLora:
@@ -327,6 +349,23 @@ class MultiLora:
         return _Route(n_rows=len(slots), slots=routed, rows=rows, scale=self.scaling[routed].view(-1, 1, 1),
                       onehot=onehot, gathered=None if torch.is_grad_enabled() else {})
 
+    def dropout_mask(self, seeds: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor | None:
+        """Keep-mask [rows, width, columns of every wrapped layer] for LoRA dropout in training, or None.
+
+        Row i's first `lengths[i]` positions come from a generator seeded with `seeds[i]` alone (the rest, right
+        padding, is kept: nothing reads it). A row's mask is therefore the same whatever rows share the batch,
+        and a user's adapter trained among others equals the one trained alone with the same seeds. PEFT draws
+        its masks from the global RNG over the whole batch, which would tie each user to its batch companions.
+        """
+        if self.dropout == 0:
+            return None
+        device = self.scaling.device
+        keep = torch.ones(len(seeds), width, self._mask_width, dtype=torch.bool, device=device)
+        for i, (seed, length) in enumerate(zip(seeds, lengths, strict=True)):
+            gen = torch.Generator(device=device).manual_seed(int(seed))
+            keep[i, :length] = torch.rand(length, self._mask_width, generator=gen, device=device) >= self.dropout
+        return keep
+
     def slots_of(self, adapters: Sequence[str | None]) -> list[int]:
         return [NO_ADAPTER if a is None else self.slot(a) for a in adapters]
 
@@ -364,9 +403,37 @@ def _keep_rows(cache, keep: torch.Tensor, lead: int) -> None:
         layer.values = layer.values[keep, :, lead:]
 
 
+Pick = Callable[[torch.Tensor], torch.Tensor]
+"""Next token of each row from its last logits [rows, vocab] (greedy: argmax)."""
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def sampler(temperature: float, top_k: int, top_p: float, seed: int, device: torch.device | str = "cpu") -> Pick:
+    """Seeded sampling in Hugging Face's order (temperature, then top-k, then top-p nucleus, at least one token
+    kept), with its own generator: the same seed and batches give the same answers, whatever else ran before."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.float() / temperature
+        if top_k > 0:
+            kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if top_p < 1.0:
+            ordered, index = scores.sort(dim=-1)
+            drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False
+            scores = scores.masked_fill(drop.scatter(1, index, drop), float("-inf"))
+        return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
+
+    return pick
+
+
 @torch.inference_mode()
 def _decode_batch(ml: MultiLora, rows: Sequence[Sequence[int]], slots: Sequence[int], max_new_tokens: int,
-                  eos: torch.Tensor, pad_id: int) -> list[list[int]]:
+                  eos: torch.Tensor, pad_id: int, pick: Pick = greedy) -> list[list[int]]:
     from transformers import DynamicCache
 
     model = ml.model
@@ -391,7 +458,7 @@ def _decode_batch(ml: MultiLora, rows: Sequence[Sequence[int]], slots: Sequence[
                        logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
         next_pos = positions[:, -1] + 1
         for step in range(max_new_tokens):
-            token = logits.argmax(-1)
+            token = pick(logits)
             done = torch.isin(token, eos)
             for i, t in zip(alive, token.tolist(), strict=True):
                 out[i].append(t)
@@ -420,10 +487,11 @@ def _decode_batch(ml: MultiLora, rows: Sequence[Sequence[int]], slots: Sequence[
 
 def generate_ids(ml: MultiLora, rows: Sequence[Sequence[int]], adapters: Sequence[str | None],
                  max_new_tokens: int, eos_token_ids: Sequence[int], pad_id: int,
-                 batch_size: int = 64) -> list[list[int]]:
-    """Greedy new-token ids for each prompt (ids), row i with adapter `adapters[i]`; end tokens not included.
+                 batch_size: int = 64, pick: Pick = greedy) -> list[list[int]]:
+    """New-token ids for each prompt (ids), row i with adapter `adapters[i]`; end tokens not included.
 
-    Rows are sorted by length into batches of `batch_size` (less padding) and returned in input order.
+    Greedy unless `pick` says otherwise (`sampler(...)`). Rows are sorted by length into batches of `batch_size`
+    (less padding) and returned in input order.
     """
     if len(rows) != len(adapters):
         raise MultiLoraError(f"{len(rows)} prompts but {len(adapters)} adapters: pass one (or None) per prompt")
@@ -441,7 +509,7 @@ def generate_ids(ml: MultiLora, rows: Sequence[Sequence[int]], adapters: Sequenc
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             new = _decode_batch(ml, [rows[i] for i in batch], [slots[i] for i in batch], max_new_tokens,
-                                eos, pad_id)
+                                eos, pad_id, pick)
             for i, tokens in zip(batch, new, strict=True):
                 result[i] = tokens
     finally:
@@ -451,16 +519,17 @@ def generate_ids(ml: MultiLora, rows: Sequence[Sequence[int]], adapters: Sequenc
 
 def generate_multi(ml: MultiLora, tokenizer, prompts: Sequence[str], adapter_ids: Sequence[str | None],
                    max_new_tokens: int, eos_token_ids: Sequence[int] | None = None, *, batch_size: int = 64,
-                   max_prompt_tokens: int = 1536) -> list[str]:
-    """Answer user-message prompts greedily, row i with adapter `adapter_ids[i]`: a drop-in for the LoRA path
-    of `oppu.generate.generate` (same chat wrapping and truncation, same end tokens, only new tokens decoded)."""
+                   max_prompt_tokens: int = 1536, pick: Pick = greedy) -> list[str]:
+    """Answer user-message prompts (greedily by default), row i with adapter `adapter_ids[i]`: a drop-in for the
+    LoRA path of `oppu.generate.generate` (same chat wrapping and truncation, same end tokens, only new tokens
+    decoded)."""
     from oppu.generate import encode_prompt
     from oppu.model import eos_token_ids as default_eos
 
     eos = list(eos_token_ids) if eos_token_ids is not None else default_eos(tokenizer, ml.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     rows = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
-    new = generate_ids(ml, rows, adapter_ids, max_new_tokens, eos, pad_id, batch_size)
+    new = generate_ids(ml, rows, adapter_ids, max_new_tokens, eos, pad_id, batch_size, pick)
     return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new]
 
 
@@ -566,8 +635,15 @@ def _chunks(lengths: Sequence[int], tokens_per_forward: int) -> list[list[int]]:
     return chunks
 
 
+def row_seed(seed: int, step: int, index: int) -> int:
+    """Dropout seed of the `index`-th row of a user's `step`-th batch (that user's own step count): a function of
+    the run seed and the row's place in its user's training alone, never of the other users in the batch."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 def _step_loss(ml: MultiLora, rows: Sequence[TrainExample], row_slots: Sequence[int], weights: torch.Tensor,
-               pad_id: int) -> torch.Tensor:
+               pad_id: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Forward + backward of one chunk; returns each row's weighted loss (detached)."""
     model = ml.model
     device = ml.scaling.device
@@ -581,6 +657,8 @@ def _step_loss(ml: MultiLora, rows: Sequence[TrainExample], row_slots: Sequence[
         mask[i, :len(r.input_ids)] = 1
     ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
     ml._route = ml._make_route(row_slots)
+    if seeds is not None and ml._route.rows is None:  # training routes every row (no base-only rows)
+        ml._route.keep = ml.dropout_mask(seeds, [len(r.input_ids) for r in rows], width)
     try:
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     finally:
@@ -600,7 +678,7 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
                         weight_decay: float = 0.0, warmup_ratio: float = 0.0, max_grad_norm: float | None = 1.0,
                         betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                         schedule: Callable[[int, int, int], float] = linear_schedule, pad_id: int = 0,
-                        tokens_per_forward: int = 512,
+                        tokens_per_forward: int = 512, seed: int = 0,
                         progress: Callable[[int, int, dict[str, float]], None] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> dict[str, list[float]]:
     """Train each named adapter on its own batches, all users' i-th batches in one step.
@@ -612,7 +690,9 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
     `tokens_per_forward` padded tokens with gradient accumulation (this bounds activation memory, about 1.3 MB
     per token for SmolLM2-135M in fp32, and only changes float rounding). Clipping, the learning-rate schedule
     (`schedule(step, total, warmup)`, warmup = int(warmup_ratio * total) as in `oppu.train.train_loop`) and
-    AdamW are per user. Returns each user's loss per step.
+    AdamW are per user. LoRA dropout (the MultiLora's `dropout`) draws each row's mask from `seed`, the user's
+    own step count and the row's index in its batch (`row_seed`), so it is also the same as training alone.
+    Returns each user's loss per step.
     """
     users = list(batches)
     slots = {u: ml.slot(u) for u in users}
@@ -642,9 +722,11 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
                 continue
             rows: list[TrainExample] = []
             row_user: list[str] = []
+            seeds: list[int] = []
             for u in present:
                 rows += list(batches[u][step])
                 row_user += [u] * len(batches[u][step])
+                seeds += [row_seed(seed, taken[u], j) for j in range(len(batches[u][step]))]
             answer_tokens = {u: 0 for u in present}
             for r, u in zip(rows, row_user, strict=True):
                 answer_tokens[u] += sum(1 for t in r.labels[1:] if t != IGNORE_INDEX)
@@ -656,7 +738,7 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
             per_row = torch.zeros(len(rows))
             for chunk in _chunks([len(r.input_ids) for r in rows], tokens_per_forward):
                 per_row[chunk] = _step_loss(ml, [rows[i] for i in chunk], [slots[row_user[i]] for i in chunk],
-                                            weights[chunk], pad_id).cpu()
+                                            weights[chunk], pad_id, [seeds[i] for i in chunk]).cpu()
             losses = {u: 0.0 for u in present}
             for value, u in zip(per_row.tolist(), row_user, strict=True):
                 losses[u] += value
@@ -733,7 +815,8 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
 
     history = train_users_batched(ml, batches, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                                   warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=1.0,
-                                  pad_id=_pad_id(tokenizer), progress=report, should_stop=stop)
+                                  pad_id=_pad_id(tokenizer), seed=train_cfg.seed, progress=report,
+                                  should_stop=stop)
     if stopped:
         raise StopRequested("stopped between two multi-user training steps")
     results = {}

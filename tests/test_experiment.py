@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from oppu.config import METHODS, GenerationConfig, ModelConfig, PeftConfig, RunConfig, TrainConfig
 from oppu.experiment import adapter_folder, adapter_styles, method_style, run_experiment
@@ -93,14 +94,15 @@ def test_gold_never_reaches_a_prompt(tiny_model_dir, tmp_path):
 def test_resume_skips_complete_users_and_redoes_incomplete_ones(base_cfg, monkeypatch):
     import shutil
 
-    import oppu.train
+    import oppu.multilora
 
     run_id = run_experiment(base_cfg)
     store = Store(base_cfg.db)
     first = store.predictions_for(run_id, "alice")
     trained = []
-    real = oppu.train.train_user
-    monkeypatch.setattr(oppu.train, "train_user", lambda *a, **k: trained.append(a[3].id) or real(*a, **k))
+    real = oppu.multilora.train_users  # the default LoRA engine's trainer (oppu.banks.MultiLoraBank)
+    monkeypatch.setattr(oppu.multilora, "train_users",
+                        lambda *a, **k: trained.extend(u.id for u in a[3]) or real(*a, **k))
     assert run_experiment(base_cfg, run_id=run_id) == run_id
     assert trained == []  # everything complete: nothing retrained
     shutil.rmtree(adapter_folder(base_cfg, run_id, "bob", method_style(base_cfg, "oppu")))
@@ -197,3 +199,66 @@ def test_stored_run_config_is_portable(base_cfg):
     assert cfg.artifacts_dir not in row["config"] and cfg.model.name not in row["config"]
     assert cfg.model.name not in row["model"]
     assert json.loads(row["config"])["methods"] == ["none"]  # what the store reads back still holds
+
+
+def _adapter_tensors(cfg, run_id, user_id):
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_folder(cfg, run_id, user_id, method_style(cfg, "oppu")) / "adapter_model.safetensors"))
+
+
+def test_multi_lora_adapters_do_not_depend_on_chunk_companions(base_cfg, monkeypatch):
+    """The default engine trains a chunk's users together (LoRA dropout on): a user's adapter and answers must be
+    the same whether it shares its batches with others or trains alone, or Ray shares, resumed jobs and chunk
+    sizes would change results."""
+    import oppu.experiment
+
+    cfg = base_cfg.replace(users=3, task_adaptation=False)
+    assert cfg.batching == "multi_lora" and cfg.user_peft.dropout > 0
+    together = run_experiment(cfg)
+    monkeypatch.setattr(oppu.experiment, "USERS_PER_CHUNK", 1)
+    alone = run_experiment(cfg)
+    store = Store(cfg.db)
+    for user in ("alice", "bob", "carol"):
+        a, b = _adapter_tensors(cfg, together, user), _adapter_tensors(cfg, alone, user)
+        assert set(a) == set(b)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+        assert read_manifest(adapter_folder(cfg, together, user, method_style(cfg, "oppu")))["engine"] == "multi_lora"
+        cols = ["query_id", "method", "output"]
+        assert (store.predictions_for(together, user)[cols].sort_values(cols).values.tolist()
+                == store.predictions_for(alone, user)[cols].sort_values(cols).values.tolist())
+
+
+def test_per_user_engine_still_runs_and_writes_the_same_folder_layout(base_cfg):
+    from oppu.model import AdapterPool
+
+    cfg = base_cfg.replace(users=1, task_adaptation=False, batching="per_user")
+    run_id = run_experiment(cfg)
+    folder = adapter_folder(cfg, run_id, "alice", method_style(cfg, "oppu"))
+    assert read_manifest(folder)["engine"] == "per_user"
+    multi = base_cfg.replace(users=1, task_adaptation=False)
+    other = adapter_folder(multi, run_experiment(multi), "alice", method_style(multi, "oppu"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in other.iterdir())
+    assert set(_adapter_tensors(cfg, run_id, "alice")) == set(load_peft_keys(other))
+    from oppu.model import load_model
+
+    model, _ = load_model(cfg.model)
+    pool = AdapterPool(model)
+    pool.load("alice", other)  # a multi-LoRA adapter is a plain PEFT folder
+    assert pool.kind == "lora"
+
+
+def load_peft_keys(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_sampled_generation_on_the_multi_lora_engine_is_seeded(base_cfg):
+    cfg = base_cfg.replace(users=1, task_adaptation=False,
+                           generation=GenerationConfig(greedy=False, temperature=1.0, max_new_tokens=4, seed=3))
+    store = Store(cfg.db)
+    first, second = (store.predictions_for(run_experiment(cfg), "alice") for _ in range(2))
+    cols = ["query_id", "method", "raw_output"]
+    assert first[cols].sort_values(cols).values.tolist() == second[cols].sort_values(cols).values.tolist()

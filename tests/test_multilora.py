@@ -70,8 +70,8 @@ def peft_with(base, states: dict[str, dict[str, torch.Tensor]], r: int = 8, alph
     return model.eval()
 
 
-def multi_with(base, states, r: int = 8, alpha: int = 8, capacity: int = 2) -> MultiLora:
-    ml = MultiLora(copy.deepcopy(base), capacity=capacity, r=r, alpha=alpha)
+def multi_with(base, states, r: int = 8, alpha: int = 8, capacity: int = 2, dropout: float = 0.0) -> MultiLora:
+    ml = MultiLora(copy.deepcopy(base), capacity=capacity, r=r, alpha=alpha, dropout=dropout)
     for name, state in states.items():
         ml.load_state_dict(name, state, alpha=alpha, r=r)
     return ml
@@ -283,6 +283,42 @@ def test_batched_training_equals_training_each_user_alone(base, states):
         assert torch.equal(ml.state_dict("idle")[key], value), "a user with no batches was updated"
 
 
+def test_dropout_masks_do_not_depend_on_batch_companions(base, states):
+    """With LoRA dropout on, a user trained among others (in any chunking) equals that user trained alone:
+    its masks come from its own seed, step and row index. This is what lets Ray shares, resumed jobs and
+    different chunk sizes give the same adapters."""
+    per_user = {"ann": user_batches(1, 7), "ben": user_batches(2, 3), "cat": [[], []] + user_batches(3, 5)}
+
+    def train(batches, tokens_per_forward, dropout=0.3, seed=7):
+        ml = multi_with(base, states, capacity=4, dropout=dropout)
+        train_users_batched(ml, batches, lr=5e-2, max_grad_norm=1.0, tokens_per_forward=tokens_per_forward,
+                            seed=seed)
+        return ml
+
+    together = train(per_user, 24)
+    for user in per_user:
+        alone = train({user: [b for b in per_user[user] if b]}, 10_000)
+        for key, value in alone.state_dict(user).items():
+            torch.testing.assert_close(together.state_dict(user)[key], value, rtol=1e-4, atol=1e-6,
+                                       msg=f"{user} {key}")
+    # The masks are real (dropout changes the result) and seeded (another seed gives other masks).
+    without = train({"ann": per_user["ann"]}, 10_000, dropout=0.0)
+    reseeded = train({"ann": per_user["ann"]}, 10_000, seed=8)
+    for other in (without, reseeded):
+        assert any(not torch.allclose(other.state_dict("ann")[k], together.state_dict("ann")[k], atol=1e-5)
+                   for k in together.state_dict("ann"))
+
+
+def test_dropout_mask_is_per_row_and_ignores_padding_width(base):
+    ml = MultiLora(copy.deepcopy(base), capacity=2, dropout=0.5)
+    narrow = ml.dropout_mask([11, 12], [3, 5], width=5)
+    wide = ml.dropout_mask([12, 11], [5, 3], width=9)
+    assert torch.equal(narrow[0, :3], wide[1, :3]) and torch.equal(narrow[1, :5], wide[0, :5])
+    assert bool(wide[1, 3:].all()), "padding positions are kept (never read)"
+    assert 0.35 < float(narrow[1, :5].float().mean()) < 0.65, "about half of the inputs are dropped"
+    assert MultiLora(copy.deepcopy(base), capacity=2).dropout_mask([1], [3], 3) is None
+
+
 def test_no_gradient_reaches_another_users_slice(base, states):
     ml = multi_with(base, states, capacity=4)
     batch = examples(4, 3)
@@ -360,3 +396,16 @@ def test_save_is_atomic_with_manifest(base, states, tmp_path):
     for key, value in again.state_dict("x").items():
         torch.testing.assert_close(value, ml.state_dict("ben")[key])
     assert [p.name for p in tmp_path.iterdir()] == ["ann"]  # no temporary folder left behind
+
+
+def test_sampler_filters_like_hugging_face_and_is_seeded():
+    from oppu.multilora import greedy, sampler
+
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampler(1.0, 1, 1.0, seed=0)(logits), greedy(logits))  # top-k 1 = argmax
+    assert torch.equal(sampler(1.0, 50, 1e-6, seed=0)(logits), greedy(logits))  # nucleus keeps >= 1 token
+    top2 = logits.topk(2).indices
+    picks = torch.stack([sampler(1.0, 2, 1.0, seed=s)(logits) for s in range(20)], 1)
+    assert bool((picks[..., None] == top2[:, None]).any(-1).all()), "a token outside the top 2 was sampled"
+    assert len(set(picks.flatten().tolist())) > 2
+    assert torch.equal(sampler(0.7, 10, 0.9, seed=4)(logits), sampler(0.7, 10, 0.9, seed=4)(logits))

@@ -1,0 +1,123 @@
+"""Where a run's personal adapters live while they train and answer: one interface, two engines.
+
+- `MultiLoraBank` (LoRA, the default): every adapter is a slot of one gathered multi-LoRA model
+  (`oppu/multilora.py`). The users of a chunk train in shared batches (each row routed to its own user's slot,
+  per-user loss, clipping and AdamW) and answer in shared batches; rows leave a batch as soon as they end.
+- `PeftBank` (IA3, prompt tuning, or LoRA with `RunConfig.batching="per_user"`): PEFT's own adapters on one
+  `AdapterPool`, trained one user after another (`oppu.train`) and answered through `oppu.generate`.
+
+Both save standard PEFT adapter folders with the same manifest, so adapters, the store and the dashboard cannot
+tell which engine made them. The experiment only talks to this interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from oppu.config import GenerationConfig, PeftConfig, TrainConfig
+
+BATCHINGS = ("multi_lora", "per_user")
+
+
+class AdapterBank(Protocol):
+    engine: str
+    """Which engine trained the adapters (written into each manifest)."""
+
+    @property
+    def base(self) -> Any:
+        """What profile generation runs on: the base model, never a user's adapter."""
+
+    def train(self, tokenizer, task, users: Sequence[Any], style, peft_cfg: PeftConfig, train_cfg: TrainConfig, *,
+              histories: Mapping[str, Sequence[Any]], retriever, profiles: Mapping[str, str | None],
+              adapter_keys: Mapping[str, str], progress: Callable | None,
+              should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+        """A fresh adapter per user (named by `adapter_keys[user id]`), each trained on that user's data only;
+        returns `oppu.train.TrainResult` per user id."""
+
+    def save(self, key: str, folder: str | Path, manifest: dict[str, Any]) -> Path: ...
+
+    def generate(self, tokenizer, prompts: Sequence[str], keys: Sequence[str | None], gen_cfg: GenerationConfig,
+                 max_new_tokens: int) -> list[str]:
+        """Row i answered with adapter `keys[i]` (None: the base model)."""
+
+    def delete(self, key: str) -> None: ...
+
+
+class PeftBank:
+    """PEFT adapters on one `AdapterPool`, trained user after user: every PEFT kind, the reference path."""
+
+    engine = "per_user"
+
+    def __init__(self, model):
+        from oppu.model import AdapterPool
+
+        self.pool = AdapterPool(model)
+
+    @property
+    def base(self):
+        return self.pool
+
+    def train(self, tokenizer, task, users, style, peft_cfg, train_cfg, **kwargs) -> dict[str, Any]:
+        from oppu.train import train_users
+
+        return train_users(self.pool, tokenizer, task, users, style, peft_cfg, train_cfg, **kwargs)
+
+    def save(self, key: str, folder, manifest) -> Path:
+        from oppu.model import save_user_adapter
+
+        return save_user_adapter(self.pool, key, folder, manifest)
+
+    def generate(self, tokenizer, prompts, keys, gen_cfg, max_new_tokens) -> list[str]:
+        from oppu.generate import generate
+
+        names = [None if k is None else self.pool.name_of(k) for k in keys]
+        return generate(self.pool, tokenizer, prompts, names, gen_cfg, max_new_tokens=max_new_tokens)
+
+    def delete(self, key: str) -> None:
+        self.pool.delete(key)
+
+
+class MultiLoraBank:
+    """LoRA adapters as slots of one `MultiLora`: a chunk's users train and answer in shared batches."""
+
+    engine = "multi_lora"
+
+    def __init__(self, model, peft_cfg: PeftConfig, capacity: int = 8):
+        from oppu.multilora import MultiLora
+
+        self.ml = MultiLora.from_peft_config(model, peft_cfg, capacity=capacity)
+
+    @property
+    def base(self):
+        return self.ml.model  # with no route set, every wrapped layer is its base layer
+
+    def train(self, tokenizer, task, users, style, peft_cfg, train_cfg, **kwargs) -> dict[str, Any]:
+        from oppu.multilora import train_users
+
+        return train_users(self.ml, tokenizer, task, users, style, peft_cfg, train_cfg, **kwargs)
+
+    def save(self, key: str, folder, manifest) -> Path:
+        return self.ml.save(key, folder, manifest)
+
+    def generate(self, tokenizer, prompts, keys, gen_cfg, max_new_tokens) -> list[str]:
+        from oppu.generate import DEFAULT_MAX_PROMPT_TOKENS
+        from oppu.multilora import generate_multi, greedy, sampler
+
+        pick = greedy if gen_cfg.greedy else sampler(gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p,
+                                                     gen_cfg.seed, self.ml.scaling.device)
+        return generate_multi(self.ml, tokenizer, prompts, list(keys), max_new_tokens,
+                              batch_size=gen_cfg.batch_size, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS, pick=pick)
+
+    def delete(self, key: str) -> None:
+        self.ml.remove(key)
+
+
+def make_bank(model, peft_cfg: PeftConfig, batching: str = "multi_lora") -> AdapterBank:
+    """The engine for a run: gathered multi-LoRA for LoRA adapters, PEFT's per-user loop otherwise."""
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching {batching!r}: use one of {', '.join(BATCHINGS)}")
+    if peft_cfg.kind == "lora" and batching == "multi_lora":
+        return MultiLoraBank(model, peft_cfg)
+    return PeftBank(model)
