@@ -21,6 +21,24 @@ ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "PERFORMANCE.md"
 MODEL_CACHE = ROOT / ".cache" / "models"
 DEMO_DATA = ROOT / "data" / "demo"
+DEVICE_ENV = "OPPU_BENCH_DEVICE"
+"""`cpu` (default) or `cuda`: where the benchmark model runs (scripts accept --device, which sets it)."""
+RANDOM_MODEL_ENV = "OPPU_BENCH_RANDOM_MODEL"
+"""A folder with the default model's config.json and tokenizer but no weights: build that architecture with
+seeded random weights (an accelerator machine that cannot hold the 517 MB cache). Throughput is the same; a
+random model never ends an answer early, so generation runs every row to its budget."""
+
+
+def bench_device() -> str:
+    return os.environ.get(DEVICE_ENV, "cpu")
+
+
+def sync() -> None:
+    """Wait for queued accelerator work, so wall time covers it (no-op on CPU)."""
+    import torch
+
+    if bench_device() == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # -- machine ---------------------------------------------------------------------------------------------------
@@ -41,23 +59,30 @@ def machine_info() -> dict[str, Any]:
     mem_gib = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem_gib = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    gpu = torch.cuda.get_device_name(0) if bench_device() == "cuda" and torch.cuda.is_available() else None
+    return {"cpu": _cpu_name() + (f" + GPU {gpu}" if gpu else ""), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "mem_gib": mem_gib, "cuda": torch.cuda.is_available(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "load_avg": tuple(round(x, 2) for x in os.getloadavg())}
 
 
-def matmul_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul over about `seconds`: the ceiling model FLOP rates are compared to."""
+def matmul_peak_gflops(n: int | None = None, seconds: float = 2.0) -> float:
+    """Best fp32 GFLOP/s of an n x n matmul over about `seconds` on the bench device: the ceiling model FLOP
+    rates are compared to (1024 on a CPU, 8192 on a GPU, large enough to fill either)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    device = bench_device()
+    n = n or (8192 if device == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)  # warm-up: thread pool and allocator
+    sync()
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         for _ in range(4):
             torch.mm(a, b)
+        sync()
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -119,6 +144,7 @@ def phase(name: str) -> Iterator[Phase]:
     try:
         yield result
     finally:
+        sync()
         result.seconds = time.perf_counter() - start
         result.cpu_seconds = _cpu_time() - cpu_start
         result.peak_mib = peak_rss_mib()
@@ -197,12 +223,36 @@ def append_report(title: str, table: str, notes: Sequence[str] = (), write: bool
 
 # -- model and data --------------------------------------------------------------------------------------------
 def load_default_model():
-    """The embedded SmolLM2-135M default through oppu.model (converted once into the local cache)."""
+    """The embedded SmolLM2-135M default through oppu.model (converted once into the local cache), fp32 on the
+    bench device; with OPPU_BENCH_RANDOM_MODEL, the same architecture with seeded random weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = os.environ.get(RANDOM_MODEL_ENV)
+    if folder:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.to(bench_device()).eval()
+        print(f"random weights of the architecture in {folder} ({RANDOM_MODEL_ENV})", flush=True)
+        return model, tokenizer
     from oppu.config import ModelConfig
     from oppu.model import load_model
 
-    return load_model(ModelConfig(device="cpu", dtype="float32"), MODEL_CACHE)
+    return load_model(ModelConfig(device=bench_device(), dtype="float32"), MODEL_CACHE)
+
+
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help=f"where the model runs (default: ${DEVICE_ENV} or cpu)")
+
+
+def apply_device_argument(args) -> None:
+    if args.device:
+        os.environ[DEVICE_ENV] = args.device
 
 
 def demo_users(task_id: str, n: int) -> list:

@@ -17,7 +17,9 @@ import argparse
 import copy
 
 from bench.common import (
+    add_device_argument,
     append_report,
+    apply_device_argument,
     demo_users,
     load_default_model,
     markdown_table,
@@ -39,12 +41,13 @@ def sequential_loop(pool, tokenizer, rows_by_user, max_new_tokens, eos) -> dict[
     for user, items in rows_by_user.items():
         pool.set(user)
         width = max(len(ids) for _, ids in items)
-        ids = torch.tensor([[pad] * (width - len(r)) + r for _, r in items])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for _, r in items])
+        device = pool.model.device
+        ids = torch.tensor([[pad] * (width - len(r)) + r for _, r in items], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for _, r in items], device=device)
         with torch.no_grad():
             gen = pool.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        for (index, _), new in zip(items, gen[:, width:].tolist(), strict=True):
+        for (index, _), new in zip(items, gen[:, width:].tolist(), strict=True):  # .tolist() waits for the GPU
             out[index] = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
     return out
 
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of every path, order alternating; the fastest run of each is reported")
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    apply_device_argument(args)
 
     from peft.utils import set_peft_model_state_dict
 

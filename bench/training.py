@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 
 from bench.common import (
+    add_device_argument,
     append_report,
+    apply_device_argument,
     demo_users,
     load_default_model,
     markdown_table,
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: RunConfig().user_train.epochs")
     parser.add_argument("--tokens-per-forward", type=int, default=512)
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    apply_device_argument(args)
 
     import dataclasses
 
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(train_cfg.seed)
     pool = AdapterPool(model)
     init_name = pool.add("__init__", peft_cfg)
-    init_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pool.model, adapter_name=init_name).items()}
+    init_state = {k: v.detach().cpu().clone()
+                  for k, v in get_peft_model_state_dict(pool.model, adapter_name=init_name).items()}
     pool.delete("__init__")
     base = pool.model.unload()  # the plain model again, for the multi-LoRA surgery
 
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     # noise in near-zero gradients into steps of about lr, so an elementwise max says little on its own.
     diff_sq = moved_sq = 0.0
     for u in users:
-        theirs = get_peft_model_state_dict(pool.model, adapter_name=pool.name_of(str(u.id)))
+        theirs = {k: v.detach().cpu() for k, v in
+                  get_peft_model_state_dict(pool.model, adapter_name=pool.name_of(str(u.id))).items()}
         for key, value in ours_states[str(u.id)].items():
             diff_sq += float((value - theirs[key]).pow(2).sum())
             moved_sq += float((theirs[key] - init_state[key]).pow(2).sum())

@@ -802,10 +802,14 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
         info[key] = (uid, examples, [item for item in items if str(item.id) in used])
     stopped = []
 
+    taken = dict.fromkeys(batches, 0)
+
     def report(step: int, total: int, losses: dict[str, float]) -> None:
-        if progress is not None:
-            for key, loss in losses.items():
-                progress(f"user:{info[key][0]}:{style.key}", step, total, loss)
+        # Each user's own step of its own total, as the per-user loop reports it (users differ in batch counts).
+        for key, loss in losses.items():
+            taken[key] += 1
+            if progress is not None:
+                progress(f"user:{info[key][0]}:{style.key}", taken[key], len(batches[key]), loss)
 
     def stop() -> bool:
         if should_stop is not None and should_stop():

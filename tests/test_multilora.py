@@ -296,8 +296,8 @@ def test_dropout_masks_do_not_depend_on_batch_companions(base, states):
         return ml
 
     together = train(per_user, 24)
-    for user in per_user:
-        alone = train({user: [b for b in per_user[user] if b]}, 10_000)
+    for user, batches in per_user.items():
+        alone = train({user: [b for b in batches if b]}, 10_000)
         for key, value in alone.state_dict(user).items():
             torch.testing.assert_close(together.state_dict(user)[key], value, rtol=1e-4, atol=1e-6,
                                        msg=f"{user} {key}")
@@ -373,9 +373,14 @@ def test_train_users_is_a_drop_in_for_the_per_user_loop(tiny_model, tiny_users):
     peft_cfg = PeftConfig(dropout=0.0)
     train_cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, max_length=128, max_examples=5)
     ml = MultiLora.from_peft_config(copy.deepcopy(model), peft_cfg, capacity=len(users))
-    ours = train_users(ml, tokenizer, task, users, PromptStyle(), peft_cfg, train_cfg)
-    theirs = train_users_per_user(AdapterPool(model), tokenizer, task, users, PromptStyle(), peft_cfg, train_cfg)
+    events: dict[str, list] = {"ours": [], "theirs": []}
+    ours = train_users(ml, tokenizer, task, users, PromptStyle(), peft_cfg, train_cfg,
+                       progress=lambda *e: events["ours"].append(e[:3]))
+    theirs = train_users_per_user(AdapterPool(model), tokenizer, task, users, PromptStyle(), peft_cfg, train_cfg,
+                                  progress=lambda *e: events["theirs"].append(e[:3]))
     assert set(ours) == set(theirs) == {u.id for u in users}
+    # Progress reads the same per user (its own step of its own total), only interleaved across users.
+    assert sorted(events["ours"]) == sorted(events["theirs"])
     for uid, result in ours.items():
         ref = theirs[uid]
         assert (result.examples, result.item_ids, result.data_hash) == (ref.examples, ref.item_ids, ref.data_hash)
