@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--items", type=int, default=16, help="history items per user")
     parser.add_argument("--epochs", type=int, default=None, help="default: RunConfig().user_train.epochs")
-    parser.add_argument("--tokens-per-forward", type=int, default=512)
+    parser.add_argument("--tokens-per-forward", type=int, default=None,
+                        help="padded tokens per forward in the batched path (default: oppu.train.tokens_per_forward_for)")
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
     add_device_argument(parser)
     args = parser.parse_args(argv)
@@ -70,9 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     from oppu.config import PeftConfig, RunConfig
     from oppu.data import User
     from oppu.model import AdapterPool
-    from oppu.multilora import MultiLora, TrainExample, make_batches, train_users_batched
+    from oppu.multilora import (
+        CPU_TOKENS_PER_FORWARD,
+        MultiLora,
+        TrainExample,
+        make_batches,
+        train_users_batched,
+    )
     from oppu.tasks import get_task
-    from oppu.train import PromptStyle, _pad_id, answer_end_ids, encode_example, train_users, user_examples
+    from oppu.train import (
+        PromptStyle,
+        _pad_id,
+        answer_end_ids,
+        encode_example,
+        tokens_per_forward_for,
+        train_users,
+        user_examples,
+    )
 
     task = get_task(args.task)
     run = RunConfig()
@@ -107,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     base = pool.model.unload()  # the plain model again, for the multi-LoRA surgery
 
     ml = MultiLora.from_peft_config(base, peft_cfg, capacity=len(users))
+    budget = args.tokens_per_forward or tokens_per_forward_for(base, CPU_TOKENS_PER_FORWARD)
     for uid in encoded:
         ml.load_state_dict(uid, init_state, alpha=peft_cfg.alpha, r=peft_cfg.r)
     with phase("multilora") as ours:
         train_users_batched(ml, batches, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                             warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=1.0, pad_id=_pad_id(tokenizer),
-                            tokens_per_forward=args.tokens_per_forward)
+                            tokens_per_forward=budget)
     ours_states = {uid: ml.state_dict(uid) for uid in encoded}
     base = ml.unwrap()
 
@@ -143,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = [(f"workload: {task.id}, {len(users)} users x {args.items} history items -> {len(all_rows)} examples, "
               f"{n_tokens} tokens over {train_cfg.epochs} epochs, batch {train_cfg.batch_size} per user, "
               f"max_length {train_cfg.max_length}, LoRA r={peft_cfg.r} on {'/'.join(peft_cfg.target_modules)}, "
-              f"fp32; {args.tokens_per_forward} padded tokens per forward in the batched path"),
+              f"fp32; {budget} padded tokens per forward in the batched path, "
+              f"{tokens_per_forward_for(model)} in the per-user loop"),
              (f"multilora vs sequential: {speedup:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
               + verdict(speedup, TARGET_SPEEDUP)),
              (f"multilora at {fraction:.0%} of the fp32 matmul peak ({peak:.0f} GFLOP/s: the best of two "

@@ -41,6 +41,28 @@ TOKENS_PER_FORWARD = 256
 """Padded tokens per forward pass in training: bounds activation memory (~1.5 MB per token for SmolLM2-135M in
 fp32). Measured peak RSS of one 8-example step (1,419 tokens): 2.6 GB at 768, 1.8 GB at 384, 1.4 GB at 256, with
 no loss of speed on CPU (a row of 150 tokens still makes matmuls large enough)."""
+GPU_TOKENS_PER_FORWARD_MAX = 65536
+
+
+def tokens_per_forward_for(model, cpu_default: int = TOKENS_PER_FORWARD) -> int:
+    """Padded tokens per training forward pass on the model's device.
+
+    CPU: `cpu_default` (measured: memory, not speed, sets it). GPU: as many tokens as a quarter of the free
+    memory holds, at an estimate of 20 activations of hidden size per layer and token (SmolLM2-135M in fp32:
+    ~1.4 MB a token). A small model's step on a GPU is bound by kernel launches, so one wide pass per step beats
+    a dozen narrow ones (measured on an H200: docs/PERFORMANCE.md).
+    """
+    import torch
+
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return cpu_default
+    free, _ = torch.cuda.mem_get_info(param.device)
+    cfg = model.config
+    per_token = 20 * cfg.hidden_size * cfg.num_hidden_layers * param.element_size()
+    return int(max(cpu_default, min(GPU_TOKENS_PER_FORWARD_MAX, 0.25 * free / per_token)))
+
+
 TASK_ADAPTER_FORMAT = 1  # bump when example construction changes, so cached task adapters are retrained
 
 
@@ -267,13 +289,13 @@ def train_loop(model, params: list, encoded: Sequence[tuple[list, list]], cfg: T
     """AdamW with linear warmup/decay over `cfg.epochs` shuffled passes; returns the (step, loss) curve.
 
     Each step's loss is the mean over the batch's answer tokens (as Hugging Face's causal-LM loss); the batch
-    runs in chunks of at most `tokens_per_forward` padded tokens (default `TOKENS_PER_FORWARD`).
+    runs in chunks of at most `tokens_per_forward` padded tokens (default `tokens_per_forward_for(model)`).
     """
     import torch
 
     if not encoded:
         return []
-    tokens_per_forward = tokens_per_forward or TOKENS_PER_FORWARD
+    tokens_per_forward = tokens_per_forward or tokens_per_forward_for(model)
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
