@@ -75,6 +75,7 @@ def test_import_rejects_path_traversal(cli_paths, tmp_path, capsys):
     ("--data", "/nonexistent/folder", "LaMP_2M"),
     ("--methods", "none,magic", "unknown method"),
     ("--preset", "huge", "unknown preset"),
+    ("--batching", "magic", "batching: use multi_lora or per_user"),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli_paths, capsys, flag, value, expected):
     args = _run_args(cli_paths)
@@ -99,7 +100,8 @@ def test_presets_and_flags_layer(cli_paths):
     plain = run_cmd.config_from_args(parser.parse_args([]))
     from oppu.config import RunConfig
 
-    assert plain == RunConfig()
+    assert plain == RunConfig() and plain.batching == "multi_lora"
+    assert run_cmd.config_from_args(parser.parse_args(["--batching", "per_user"])).batching == "per_user"
 
 
 def test_sweep_dry_run_lists_the_runs(cli_paths, capsys):

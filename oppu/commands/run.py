@@ -46,6 +46,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--history-format", help="full or text_only")
     add("--no-adapt", action="store_true", default=None, help="skip task adaptation of the base model")
     add("--tag", help="free text grouping runs")
+    add("--batching", help="multi_lora (default: a chunk of LoRA users trains and answers in shared batches) or "
+                           "per_user (PEFT, one user at a time: the reference path)")
 
 
 def _csv(text: str) -> list[str]:
@@ -91,6 +93,7 @@ def config_from_args(args: argparse.Namespace):
     put("history_format", args.history_format)
     put("task_adaptation", False if args.no_adapt else None)
     put("tag", args.tag)
+    put("batching", args.batching)
     return RunConfig.from_dict(merge_config(RunConfig().to_dict(), preset, flags))
 
 
