@@ -39,8 +39,12 @@ from typing import Any
 from bench.common import (
     DEMO_DATA,
     MODEL_CACHE,
+    RANDOM_MODEL_ENV,
     ROOT,
+    add_device_argument,
     append_report,
+    apply_device_argument,
+    bench_device,
     load_default_model,
     markdown_table,
     phase,
@@ -81,7 +85,8 @@ def trainer_arguments(train_cfg, output_dir: Path):
         optim="adamw_torch", num_train_epochs=train_cfg.epochs, learning_rate=train_cfg.lr,
         weight_decay=train_cfg.weight_decay, warmup_steps=train_cfg.warmup_ratio, max_grad_norm=1.0,
         lr_scheduler_type="linear", train_sampling_strategy="group_by_length", save_strategy="no",
-        logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=train_cfg.seed,
+        logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=bench_device() == "cpu",
+        seed=train_cfg.seed,
         dataloader_pin_memory=False)
 
 
@@ -129,9 +134,10 @@ def official_loop(model, tokenizer, task, users: Sequence, peft_cfg, train_cfg, 
         with torch.no_grad():
             for query in user.queries:  # one at a time, as the official split_batch(..., 1)
                 ids = encode_prompt(tokenizer, query_prompt(task, query), DEFAULT_MAX_PROMPT_TOKENS)
-                out = wrapped.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                       dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
-                                       eos_token_id=eos, pad_token_id=pad_id)
+                out = wrapped.generate(input_ids=torch.tensor([ids], device=wrapped.device),
+                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=wrapped.device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                       pad_token_id=pad_id)
                 new = out[0, len(ids):].tolist()
                 new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
                 stats["generated_tokens"] += len(new)
@@ -168,16 +174,19 @@ class StageClock:
             self.chunk_start = self.last_train = now
 
 
-def project_run(task_id: str, user_ids: Sequence[str], user_train, workdir: Path) -> tuple[str, Any, StageClock]:
+def project_run(task_id: str, user_ids: Sequence[str], user_train, workdir: Path,
+                model_name: str | None = None) -> tuple[str, Any, StageClock]:
     """`run_experiment` on the same users with task adaptation off; returns (run id, store, stage clock)."""
     from oppu.config import ModelConfig, RunConfig
     from oppu.experiment import run_experiment
     from oppu.store import Store
 
+    model = ModelConfig(device=bench_device(), dtype="float32")
+    if model_name:
+        model = ModelConfig(name=model_name, device=bench_device(), dtype="float32")
     cfg = RunConfig(task=task_id, methods=("oppu",), user_ids=tuple(user_ids), data_dir=str(DEMO_DATA),
                     db=str(workdir / "e2e.duckdb"), artifacts_dir=str(workdir / "artifacts"),
-                    model=ModelConfig(device="cpu", dtype="float32"), task_adaptation=False, user_train=user_train,
-                    tag="bench-e2e")
+                    model=model, task_adaptation=False, user_train=user_train, tag="bench-e2e")
     store = Store(cfg.db)
     clock = StageClock()
     run_id = run_experiment(cfg, progress=clock, store=store)
@@ -211,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="history items per user (default: RunConfig().user_train.max_examples)")
     parser.add_argument("--epochs", type=int, default=None, help="default: RunConfig().user_train.epochs")
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    apply_device_argument(args)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OPPU_MODEL_CACHE", str(MODEL_CACHE))  # read by oppu.experiment at import
@@ -235,8 +246,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="oppu-bench-e2e-") as tmp:
         workdir = Path(tmp)
+        model_name = None
+        if os.environ.get(RANDOM_MODEL_ENV):  # both paths get the same seeded random weights, via a folder
+            random_model, random_tokenizer = load_default_model()
+            model_name = str(workdir / "random-model")
+            random_model.save_pretrained(model_name)
+            random_tokenizer.save_pretrained(model_name)
+            del random_model
         with phase("project (run_experiment)") as ours:
-            run_id, store, clock = project_run(task.id, user_ids, train_cfg, workdir / "project")
+            run_id, store, clock = project_run(task.id, user_ids, train_cfg, workdir / "project", model_name)
         ours_answers = project_answers(store, run_id, user_ids)
         del store
 

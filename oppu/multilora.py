@@ -51,6 +51,12 @@ class MultiLoraError(ValueError):
 
 
 # -- the per-module maths ---------------------------------------------------------------------------------------
+def factor_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """LoRA factors are trained and kept in fp32 over a 16-bit base (as PEFT's `autocast_adapter_dtype` does):
+    AdamW steps of ~lr on factors of ~1e-2 would mostly round away in bf16."""
+    return torch.float32 if weight_dtype in (torch.bfloat16, torch.float16) else weight_dtype
+
+
 @dataclass
 class _Route:
     """Which slot each row of the current batch uses, shared by every layer of one model."""
@@ -78,10 +84,9 @@ class MultiLoraLinear(nn.Module):
             raise MultiLoraError(f"multi-LoRA wraps nn.Linear layers, got {type(base).__name__}")
         self.base = base
         weight = base.weight
-        self.lora_A = nn.Parameter(torch.zeros(capacity, base.in_features, r, dtype=weight.dtype,
-                                               device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(capacity, r, base.out_features, dtype=weight.dtype,
-                                               device=weight.device))
+        dtype = factor_dtype(weight.dtype)
+        self.lora_A = nn.Parameter(torch.zeros(capacity, base.in_features, r, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(capacity, r, base.out_features, dtype=dtype, device=weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.p = dropout
         self.offset = 0
@@ -112,15 +117,16 @@ class MultiLoraLinear(nn.Module):
         if route.gathered is None or torch.is_grad_enabled():  # autograd must see the gather
             # Gather as a one-hot matmul: exact, and its backward is one small matmul, where index_select's
             # backward (zeros + scatter_add into the whole stacked tensor) cost ~10% of a training step.
-            a = (route.onehot @ self.lora_A.flatten(1)).view(-1, *self.lora_A.shape[1:])
-            b = (route.onehot @ self.lora_B.flatten(1)).view(-1, *self.lora_B.shape[1:])
+            # The factors are fp32 master weights; the matmuls run in the activations' dtype (bf16 on a GPU).
+            a = (route.onehot @ self.lora_A.flatten(1)).view(-1, *self.lora_A.shape[1:]).to(flat.dtype)
+            b = (route.onehot @ self.lora_B.flatten(1)).view(-1, *self.lora_B.shape[1:]).to(flat.dtype)
             # Scale the rank-r intermediate, not the [rows, tokens, out] result: r/out of the work.
-            delta = torch.bmm(torch.bmm(self._drop(flat, route), a) * route.scale, b)
+            delta = torch.bmm(torch.bmm(self._drop(flat, route), a) * route.scale.to(flat.dtype), b)
         else:
             pair = route.gathered.get(id(self))
             if pair is None:
-                pair = (self.lora_A.index_select(0, route.slots),
-                        self.lora_B.index_select(0, route.slots) * route.scale)
+                pair = (self.lora_A.index_select(0, route.slots).to(flat.dtype),
+                        (self.lora_B.index_select(0, route.slots) * route.scale).to(flat.dtype))
                 route.gathered[id(self)] = pair
             delta = torch.bmm(torch.bmm(self._drop(flat, route), pair[0]), pair[1])
         delta = delta.reshape(*xs.shape[:-1], delta.shape[-1]).to(out.dtype)
@@ -151,7 +157,7 @@ class MultiLora:
         self._slots: dict[str, int] = {}
         self.layers: dict[str, MultiLoraLinear] = {}
         weight = next(model.parameters())
-        self.scaling = torch.zeros(capacity, dtype=weight.dtype, device=weight.device)
+        self.scaling = torch.zeros(capacity, dtype=factor_dtype(weight.dtype), device=weight.device)
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and name.split(".")[-1] in self.target_modules:
                 self.layers[name] = MultiLoraLinear(module, capacity, r, self, dropout)

@@ -414,3 +414,23 @@ def test_sampler_filters_like_hugging_face_and_is_seeded():
     assert bool((picks[..., None] == top2[:, None]).any(-1).all()), "a token outside the top 2 was sampled"
     assert len(set(picks.flatten().tolist())) > 2
     assert torch.equal(sampler(0.7, 10, 0.9, seed=4)(logits), sampler(0.7, 10, 0.9, seed=4)(logits))
+
+
+def test_factors_stay_fp32_over_a_bf16_base(base, states):
+    """On a bf16 base (the GPU default) the stacked factors are fp32 master weights, as PEFT keeps adapters:
+    training steps of ~lr must not round away, and the forward still runs in bf16 with the base."""
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    ml = MultiLora(bf16, capacity=2)
+    ml.load_state_dict("ann", states["ann"], alpha=8, r=8)
+    assert all(p.dtype == torch.float32 for p in ml.parameters())
+    ids = torch.randint(3, VOCAB, (2, 7))
+    with torch.no_grad(), ml.route(["ann", None]):
+        logits = ml.model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    reference = peft_with(copy.deepcopy(base).to(torch.bfloat16), {"ann": states["ann"]})
+    with torch.no_grad():
+        ref = reference(input_ids=ids[:1]).logits
+    torch.testing.assert_close(logits[:1].float(), ref.float(), rtol=0.05, atol=0.05)
+    before = ml.state_dict("ann")
+    train_users_batched(ml, {"ann": user_batches(1, 4)}, lr=1e-3)
+    assert any(not torch.equal(before[k], ml.state_dict("ann")[k]) for k in before)
