@@ -208,7 +208,8 @@ ACTIVE_STATES = ("queued", "running")
 
 
 def train_config(*, task: str, n_users: int, user_ids: list[str], methods: list[str], peft_kind: str, rank: int,
-                 retriever: str, k: int, epochs: int, lr: float, model: str, task_adaptation: bool = True):
+                 retriever: str, k: int, epochs: int, lr: float, model: str, task_adaptation: bool = True,
+                 batching: str = "multi_lora"):
     """The Train form's RunConfig; every check is RunConfig's own, so a bad value raises its ConfigError."""
     import dataclasses
 
@@ -221,7 +222,7 @@ def train_config(*, task: str, n_users: int, user_ids: list[str], methods: list[
         user_peft=dataclasses.replace(defaults.user_peft, kind=peft_kind, r=rank, alpha=rank),
         retrieval=RetrievalConfig(retriever=retriever, k=k),
         user_train=dataclasses.replace(defaults.user_train, epochs=epochs, lr=lr),
-        task_adaptation=task_adaptation,
+        task_adaptation=task_adaptation, batching=batching,
     )
 
 

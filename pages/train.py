@@ -38,20 +38,25 @@ with st.form("train-form", border=True):
     epochs = c4.number_input("Epochs", value=2, step=1, key="train-epochs")
     lr = c5.number_input("Learning rate", value=1e-3, step=1e-4, format="%.5f", key="train-lr")
     rank = c6.number_input("LoRA rank", value=8, step=1, key="train-rank")
-    m1, m2 = st.columns([3, 1], vertical_alignment="bottom")
+    m1, m2, m3 = st.columns([3, 1, 1], vertical_alignment="bottom")
     model = m1.text_input("Base model", value=widgets.default_model(), key="train-model",
                           help="`embedded:SmolLM2-135M-Instruct`, a Hugging Face id already in your cache, or a "
                                "local folder")
     adapt = m2.checkbox("Task adaptation first", value=True, key="train-adapt",
                         help="The paper's recipe: one LoRA on the other users' data, merged into the base before "
                              "the personal adapters (cached, so later jobs reuse it)")
+    batched = m3.checkbox("Users together", value=True, key="train-batched",
+                          help="LoRA: train and answer several users in shared batches, each row through its own "
+                               "user's adapter (multi-LoRA, the fast default); off: PEFT one user at a time, the "
+                               "reference path (same recipe; the random initial draw and dropout masks differ)")
     submitted = st.form_submit_button("Submit training job", type="primary", icon=":material/play_arrow:")
 
 if submitted:
     try:
         cfg = widgets.train_config(task=task, n_users=int(n_users), user_ids=chosen, methods=methods,
                                    peft_kind=peft_kind, rank=int(rank), retriever=retriever, k=int(k),
-                                   epochs=int(epochs), lr=float(lr), model=model, task_adaptation=adapt)
+                                   epochs=int(epochs), lr=float(lr), model=model, task_adaptation=adapt,
+                                   batching="multi_lora" if batched else "per_user")
     except ConfigError as exc:
         st.error(f"Not submitted: {exc}")
     else:

@@ -102,6 +102,7 @@ def test_presets_and_flags_layer(cli_paths):
 
     assert plain == RunConfig() and plain.batching == "multi_lora"
     assert run_cmd.config_from_args(parser.parse_args(["--batching", "per_user"])).batching == "per_user"
+    assert run_cmd.config_from_args(parser.parse_args(["--dtype", "bfloat16"])).model.dtype == "bfloat16"
 
 
 def test_sweep_dry_run_lists_the_runs(cli_paths, capsys):

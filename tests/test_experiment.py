@@ -262,3 +262,15 @@ def test_sampled_generation_on_the_multi_lora_engine_is_seeded(base_cfg):
     first, second = (store.predictions_for(run_experiment(cfg), "alice") for _ in range(2))
     cols = ["query_id", "method", "raw_output"]
     assert first[cols].sort_values(cols).values.tolist() == second[cols].sort_values(cols).values.tolist()
+
+
+def test_a_bf16_base_trains_fp32_factors_end_to_end(base_cfg):
+    """`--dtype bfloat16` (the GPU default, an option on CPUs with fast bf16): the multi-LoRA engine trains fp32
+    factors over the 16-bit base and saves them as a normal fp32 PEFT adapter."""
+    cfg = base_cfg.replace(users=1, task_adaptation=False,
+                           model=base_cfg.model.__class__(name=base_cfg.model.name, device="cpu", dtype="bfloat16"))
+    run_id = run_experiment(cfg)
+    tensors = _adapter_tensors(cfg, run_id, "alice")
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if "lora_B" in k), "B never moved"
+    assert len(Store(cfg.db).predictions_for(run_id, "alice")) == 2 * 2

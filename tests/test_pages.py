@@ -338,6 +338,7 @@ def test_train_form_submits_a_real_job_whose_answers_show_on_compare(env, monkey
         time.sleep(1)
     job = jobs.get_job(root, job_id)
     assert job["state"] == "done", jobs.logs(root, job_id, tail=30)
+    assert job["config"]["batching"] == "multi_lora"  # the form's default engine
 
     at = page("train")
     history = at.dataframe[0].value
