@@ -52,6 +52,17 @@ def sequential_loop(pool, tokenizer, rows_by_user, max_new_tokens, eos) -> dict[
     return out
 
 
+def profile_top(run, n: int = 6) -> str:
+    """`op share, ...` of the `n` operators with the most self CPU time in one call of `run`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return ", ".join(f"{e.key} {e.self_cpu_time_total / total:.0%}" for e in events[:n])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="LaMP_7")
@@ -62,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of every path, order alternating; the fastest run of each is reported")
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run the multi-LoRA path once under torch.profiler and report its top operators")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     apply_device_argument(args)
@@ -118,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     prefill, _ = run_rounds({"prefill only (multilora, 1 new token)": lambda: generate_ids(
         ml, encoded, owners, 1, eos, tokenizer.pad_token_id, args.batch_size)}, args.rounds)
     prefill_s = next(iter(prefill.values())).seconds
+    top_ops = profile_top(lambda: generate_ids(ml, encoded, owners, budget, eos, tokenizer.pad_token_id,
+                                               args.batch_size)) if args.profile else ""
     ours, mixed, seq = best["multilora"], best["adapter_names"], best["sequential"]
     ours_ids, mixed_text, seq_ids = results["multilora"], results["adapter_names"], results["sequential"]
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
@@ -145,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
              (f"profile: the prefill of the {sum(map(len, encoded))} prompt tokens alone takes {prefill_s:.2f} s "
               f"({prefill_s / ours.seconds:.0%} of the multi-LoRA run; the same work in every path), so no batching "
               f"of the decode steps can beat the sequential loop by more than {seq.seconds / prefill_s:.1f}x here"),
+             *([f"torch.profiler of one multi-LoRA run, share of self CPU time: {top_ops}"] if top_ops else []),
              (f"identical answers: {same_seq}/{len(prompts)} with the sequential loop, {same_mixed}/{len(prompts)} "
               "with adapter_names (greedy; a difference means a near-tie flipped by batched fp32 rounding)"),
              (f"each path ran {args.rounds} time(s), order alternating between rounds; the fastest wall time (and "
