@@ -29,8 +29,16 @@ seeded random weights (an accelerator machine that cannot hold the 517 MB cache)
 random model never ends an answer early, so generation runs every row to its budget."""
 
 
+DTYPE_ENV = "OPPU_BENCH_DTYPE"
+"""`float32` (default: the CPU default and what the targets are stated in) or `bfloat16` (--dtype)."""
+
+
 def bench_device() -> str:
     return os.environ.get(DEVICE_ENV, "cpu")
+
+
+def bench_dtype() -> str:
+    return os.environ.get(DTYPE_ENV, "float32")
 
 
 def sync() -> None:
@@ -68,13 +76,15 @@ def machine_info() -> dict[str, Any]:
 
 
 def matmul_peak_gflops(n: int | None = None, seconds: float = 2.0) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul over about `seconds` on the bench device: the ceiling model FLOP
-    rates are compared to (1024 on a CPU, 8192 on a GPU, large enough to fill either)."""
+    """Best GFLOP/s of an n x n matmul in the bench dtype (fp32 unless --dtype) over about `seconds` on the bench
+    device: the ceiling model FLOP rates are compared to (1024 on a CPU, 8192 on a GPU, large enough to fill
+    either)."""
     import torch
 
     device = bench_device()
     n = n or (8192 if device == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    dtype = getattr(torch, bench_dtype())
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up: thread pool and allocator
     sync()
     best, deadline = 0.0, time.perf_counter() + seconds
@@ -206,7 +216,8 @@ def append_report(title: str, table: str, notes: Sequence[str] = (), write: bool
     lines = [f"\n### {title}", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `{command}`",
              (f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
-              f"{info['mem_gib']} GiB, cuda={info['cuda']}; python {info['python']}, torch {info['torch']}, "
+              f"{info['mem_gib']} GiB, cuda={info['cuda']}, model dtype {bench_dtype()}; python {info['python']}, "
+              f"torch {info['torch']}, "
               f"transformers {info['transformers']}, peft {info['peft']}"),
              f"- load average at the end: {info['load_avg']}"
              + (" (the CPU was SHARED with other work during this run)" if shared else ""), "", table]
@@ -232,7 +243,8 @@ def load_default_model():
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
+                                                 dtype=getattr(torch, bench_dtype()))
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -242,17 +254,21 @@ def load_default_model():
     from oppu.config import ModelConfig
     from oppu.model import load_model
 
-    return load_model(ModelConfig(device=bench_device(), dtype="float32"), MODEL_CACHE)
+    return load_model(ModelConfig(device=bench_device(), dtype=bench_dtype()), MODEL_CACHE)
 
 
 def add_device_argument(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help=f"where the model runs (default: ${DEVICE_ENV} or cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help=f"the base model's dtype, for every path alike (default: ${DTYPE_ENV} or float32)")
 
 
 def apply_device_argument(args) -> None:
     if args.device:
         os.environ[DEVICE_ENV] = args.device
+    if args.dtype:
+        os.environ[DTYPE_ENV] = args.dtype
 
 
 def demo_users(task_id: str, n: int) -> list:

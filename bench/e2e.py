@@ -45,6 +45,7 @@ from bench.common import (
     append_report,
     apply_device_argument,
     bench_device,
+    bench_dtype,
     load_default_model,
     markdown_table,
     phase,
@@ -181,9 +182,9 @@ def project_run(task_id: str, user_ids: Sequence[str], user_train, workdir: Path
     from oppu.experiment import run_experiment
     from oppu.store import Store
 
-    model = ModelConfig(device=bench_device(), dtype="float32")
+    model = ModelConfig(device=bench_device(), dtype=bench_dtype())
     if model_name:
-        model = ModelConfig(name=model_name, device=bench_device(), dtype="float32")
+        model = ModelConfig(name=model_name, device=bench_device(), dtype=bench_dtype())
     cfg = RunConfig(task=task_id, methods=("oppu",), user_ids=tuple(user_ids), data_dir=str(DEMO_DATA),
                     db=str(workdir / "e2e.duckdb"), artifacts_dir=str(workdir / "artifacts"),
                     model=model, task_adaptation=False, user_train=user_train, tag="bench-e2e")

@@ -20,6 +20,7 @@ from bench.common import (
     add_device_argument,
     append_report,
     apply_device_argument,
+    bench_dtype,
     demo_users,
     load_default_model,
     markdown_table,
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     same_mixed = sum(a == b for a, b in zip(ours_text, mixed_text, strict=True))
     notes = [(f"workload: {task.id}, {len(users)} users x {args.queries} queries, prompts "
               f"{min(map(len, encoded))}-{max(map(len, encoded))} tokens, budget {budget} new tokens, "
-              f"{tokens} tokens generated, batch {args.batch_size}, greedy fp32, LoRA r={peft_cfg.r} on "
+              f"{tokens} tokens generated, batch {args.batch_size}, greedy {bench_dtype()}, LoRA r={peft_cfg.r} on "
               f"{'/'.join(peft_cfg.target_modules)} with random non-zero weights"),
              (f"multilora vs sequential: {vs_seq:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
               + verdict(vs_seq, TARGET_VS_SEQUENTIAL)),
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
               f"of the decode steps can beat the sequential loop by more than {seq.seconds / prefill_s:.1f}x here"),
              *([f"torch.profiler of one multi-LoRA run, share of self CPU time: {top_ops}"] if top_ops else []),
              (f"identical answers: {same_seq}/{len(prompts)} with the sequential loop, {same_mixed}/{len(prompts)} "
-              "with adapter_names (greedy; a difference means a near-tie flipped by batched fp32 rounding)"),
+              "with adapter_names (greedy; a difference means a near-tie flipped by batched rounding)"),
              (f"each path ran {args.rounds} time(s), order alternating between rounds; the fastest wall time (and "
               "its CPU time) is reported, since other work on a shared CPU only ever adds time")]
     append_report("Generation: many users in one batch", markdown_table(rows), notes, write=not args.no_report)

@@ -20,6 +20,7 @@ from bench.common import (
     add_device_argument,
     append_report,
     apply_device_argument,
+    bench_dtype,
     demo_users,
     load_default_model,
     markdown_table,
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     n_tokens = sum(len(ids) for ids, _ in all_rows) * train_cfg.epochs
     print(f"{len(users)} users, {len(all_rows)} examples ({min(len(r[0]) for r in all_rows)}-"
           f"{max(len(r[0]) for r in all_rows)} tokens), {train_cfg.epochs} epochs, {work:.0f} GFLOP of useful work, "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s", flush=True)
+          f"{bench_dtype()} matmul peak {peak:.0f} GFLOP/s", flush=True)
 
     # The initial adapter train_user makes (seeded PEFT init), so both paths start from the same weights.
     torch.manual_seed(train_cfg.seed)
@@ -159,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = [(f"workload: {task.id}, {len(users)} users x {args.items} history items -> {len(all_rows)} examples, "
               f"{n_tokens} tokens over {train_cfg.epochs} epochs, batch {train_cfg.batch_size} per user, "
               f"max_length {train_cfg.max_length}, LoRA r={peft_cfg.r} on {'/'.join(peft_cfg.target_modules)}, "
-              f"fp32; {budget} padded tokens per forward in the batched path, "
+              f"{bench_dtype()}; {budget} padded tokens per forward in the batched path, "
               f"{tokens_per_forward_for(model)} in the per-user loop"),
              (f"multilora vs sequential: {speedup:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
               + verdict(speedup, TARGET_SPEEDUP)),
-             (f"multilora at {fraction:.0%} of the fp32 matmul peak ({peak:.0f} GFLOP/s: the best of two "
+             (f"multilora at {fraction:.0%} of the {bench_dtype()} matmul peak ({peak:.0f} GFLOP/s: the best of two "
               "measurements, before and after the training runs): "
               + verdict(fraction, TARGET_PEAK_FRACTION)),
              (f"peak RSS of the {len(users)}-user batched run: {ours.peak_mib:.0f} MiB: "
