@@ -114,20 +114,23 @@ class MultiLoraLinear(nn.Module):
             raise MultiLoraError(f"batch has {x.shape[0]} rows but the route was set for {route.n_rows}: "
                                  "call route() with one adapter per row of this batch")
         xs = x if route.rows is None else x.index_select(0, route.rows)
-        flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])  # [rows, tokens, in]
+        # The LoRA path runs in the factors' dtype (fp32 over a 16-bit base), as PEFT casts its input to
+        # lora_A's dtype: better rounding, and on the H200 the path with bf16 LoRA matmuls measured 2.5-5x slower
+        # than in fp32 while PEFT's paths were not (docs/PERFORMANCE.md; the small-N batched bf16 matmuls are the
+        # suspect, not profiled). Only the [rows, tokens, out] sum goes back to the base's dtype.
+        flat = xs.reshape(xs.shape[0], -1, xs.shape[-1]).to(self.lora_A.dtype)  # [rows, tokens, in]
         if route.gathered is None or torch.is_grad_enabled():  # autograd must see the gather
             # Gather as a one-hot matmul: exact, and its backward is one small matmul, where index_select's
             # backward (zeros + scatter_add into the whole stacked tensor) cost ~10% of a training step.
-            # The factors are fp32 master weights; the matmuls run in the activations' dtype (bf16 on a GPU).
-            a = (route.onehot @ self.lora_A.flatten(1)).view(-1, *self.lora_A.shape[1:]).to(flat.dtype)
-            b = (route.onehot @ self.lora_B.flatten(1)).view(-1, *self.lora_B.shape[1:]).to(flat.dtype)
+            a = (route.onehot @ self.lora_A.flatten(1)).view(-1, *self.lora_A.shape[1:])
+            b = (route.onehot @ self.lora_B.flatten(1)).view(-1, *self.lora_B.shape[1:])
             # Scale the rank-r intermediate, not the [rows, tokens, out] result: r/out of the work.
-            delta = torch.bmm(torch.bmm(self._drop(flat, route), a) * route.scale.to(flat.dtype), b)
+            delta = torch.bmm(torch.bmm(self._drop(flat, route), a) * route.scale, b)
         else:
             pair = route.gathered.get(id(self))
             if pair is None:
-                pair = (self.lora_A.index_select(0, route.slots).to(flat.dtype),
-                        (self.lora_B.index_select(0, route.slots) * route.scale).to(flat.dtype))
+                pair = (self.lora_A.index_select(0, route.slots),
+                        self.lora_B.index_select(0, route.slots) * route.scale)
                 route.gathered[id(self)] = pair
             delta = torch.bmm(torch.bmm(self._drop(flat, route), pair[0]), pair[1])
         delta = delta.reshape(*xs.shape[:-1], delta.shape[-1]).to(out.dtype)
