@@ -1,4 +1,5 @@
-"""The only training loops: task adaptation (one LoRA on other users, merged into the base) and per-user PEFT.
+"""The PEFT training loops: task adaptation (one LoRA on other users, merged into the base) and per-user PEFT
+(the multi-user batched LoRA loop is `oppu/multilora.py`'s; both build examples here).
 
 Protocol (the paper / official code, minus its defects):
 - Loss on the answer tokens only: prompt tokens are masked with -100.
@@ -373,10 +374,10 @@ def train_users(pool: AdapterPool, tokenizer, task, users: Sequence[Any], style:
                 retriever: Retriever | None = None, profiles: dict[str, str | None] | None = None,
                 adapter_keys: dict[str, str] | None = None, progress: Progress | None = None,
                 should_stop: ShouldStop | None = None) -> dict[str, TrainResult]:
-    """Adapters for several users, each on its own history (one adapter per user).
+    """Adapters for several users, each on its own history (one adapter per user), one user after another.
 
-    For now a loop over `train_user`: each user's examples are built from that user alone. A batched version
-    (rows of many users routed to their own adapters in one step) can replace the body without changing callers.
+    The PEFT reference path (`oppu.banks.PeftBank`: IA3, prompt tuning, `batching="per_user"`). LoRA runs use
+    `oppu.multilora.train_users`, the same signature with every user's rows in shared batches.
     """
     results = {}
     for user in users:
