@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     from oppu.data import User
     from oppu.model import AdapterPool
     from oppu.multilora import (
-        CPU_TOKENS_PER_FORWARD,
         MultiLora,
         TrainExample,
         make_batches,
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     base = pool.model.unload()  # the plain model again, for the multi-LoRA surgery
 
     ml = MultiLora.from_peft_config(base, peft_cfg, capacity=len(users))
-    budget = args.tokens_per_forward or tokens_per_forward_for(base, CPU_TOKENS_PER_FORWARD)
+    budget = args.tokens_per_forward or tokens_per_forward_for(base)
     for uid in encoded:
         ml.load_state_dict(uid, init_state, alpha=peft_cfg.alpha, r=peft_cfg.r)
     with phase("multilora") as ours:

@@ -47,7 +47,7 @@ def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
     return ids
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Any, Any]:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Any, Any]:
     import torch
 
     width = max(len(r) for r in rows)
@@ -78,7 +78,7 @@ def _generate_batch(model, tokenizer, rows: list[list[int]], adapter_names: list
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    ids, mask = _left_pad(rows, pad_id, _device_of(model))
+    ids, mask = left_pad(rows, pad_id, _device_of(model))
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": max_new_tokens,
                               "eos_token_id": eos, "pad_token_id": pad_id, "use_cache": True}
     if gen_cfg.greedy:

@@ -36,11 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from oppu.generate import left_pad
+from oppu.train import length_chunks, linear_schedule, make_batches, right_pad, tokens_per_forward_for
+
+__all__ = ["MultiLora", "MultiLoraError", "TrainExample", "generate_ids", "generate_multi", "greedy",
+           "linear_schedule", "make_batches", "sampler", "train_users", "train_users_batched"]
+
 NO_ADAPTER = -1
 """Row slot meaning 'base model only'."""
-CPU_TOKENS_PER_FORWARD = 256
-"""Padded tokens per training forward on a CPU, as `oppu.train.TOKENS_PER_FORWARD`: at 512 a 16-user end-to-end
-run of SmolLM2-135M peaked at 2113 MiB (over the 2 GB target), and the CPU is no faster with wider passes."""
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt and padding), as in Hugging Face."""
 
@@ -88,8 +91,7 @@ class MultiLoraLinear(nn.Module):
         dtype = factor_dtype(weight.dtype)
         self.lora_A = nn.Parameter(torch.zeros(capacity, base.in_features, r, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(capacity, r, base.out_features, dtype=dtype, device=weight.device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.p = dropout
+        self.dropout = nn.Dropout(dropout)
         self.offset = 0
         """Where this layer's columns start in a route's keep-mask (set by the owner)."""
         # A plain attribute, not a submodule: the owner must not appear in this module's state dict.
@@ -98,12 +100,13 @@ class MultiLoraLinear(nn.Module):
     def _drop(self, flat: torch.Tensor, route: _Route) -> torch.Tensor:
         """LoRA dropout on the routed rows' input: per-row seeded masks when the route has them (multi-user
         training), the global RNG otherwise (plain `nn.Dropout`, e.g. a caller's own training loop)."""
-        if not self.training or self.p == 0:
+        p = self.dropout.p
+        if not self.training or p == 0:
             return flat
         if route.keep is None:
             return self.dropout(flat)
         keep = route.keep[:, :flat.shape[1], self.offset:self.offset + flat.shape[-1]]
-        return flat * keep.to(flat.dtype) * (1.0 / (1.0 - self.p))
+        return flat * keep.to(flat.dtype) * (1.0 / (1.0 - p))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -449,14 +452,7 @@ def _decode_batch(ml: MultiLora, rows: Sequence[Sequence[int]], slots: Sequence[
     from transformers import DynamicCache
 
     model = ml.model
-    device = ml.scaling.device
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_pad(rows, pad_id, ml.scaling.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     cache_kw = _cache_kwarg(model)
@@ -558,28 +554,6 @@ class TrainExample:
             raise MultiLoraError("a training example needs >= 2 tokens and one label per token")
 
 
-def linear_schedule(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor at `step` (0-based) of `oppu.train.train_loop`'s schedule: linear warmup over
-    `warmup` steps, then linear decay to zero at `total`."""
-    if step < warmup:
-        return (step + 1) / max(warmup, 1)
-    return max(0.0, (total - step) / max(total - warmup, 1))
-
-
-def make_batches(n_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """One user's batches of example indices, in the order `oppu.train.train_loop` visits them: one
-    `random.Random(seed)` shuffling the examples again every epoch, the last batch of an epoch short."""
-    import random
-
-    rng = random.Random(seed)
-    batches = []
-    for _ in range(epochs):
-        order = list(range(n_examples))
-        rng.shuffle(order)
-        batches += [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
-    return batches
-
-
 class _SlotAdamW:
     """AdamW over stacked [slot, ...] tensors where only the slots given to `step` move.
 
@@ -633,20 +607,6 @@ def _clip_per_slot(params: Sequence[nn.Parameter], slots: torch.Tensor, max_norm
     return norms
 
 
-def _chunks(lengths: Sequence[int], tokens_per_forward: int) -> list[list[int]]:
-    """Row indices grouped by similar length so that rows x padded length stays within the token budget."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    chunks, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[i] > tokens_per_forward:
-            chunks.append(current)
-            current = []
-        current.append(i)
-    if current:
-        chunks.append(current)
-    return chunks
-
-
 def row_seed(seed: int, step: int, index: int) -> int:
     """Dropout seed of the `index`-th row of a user's `step`-th batch (that user's own step count): a function of
     the run seed and the row's place in its user's training alone, never of the other users in the batch."""
@@ -657,17 +617,10 @@ def row_seed(seed: int, step: int, index: int) -> int:
 def _step_loss(ml: MultiLora, rows: Sequence[TrainExample], row_slots: Sequence[int], weights: torch.Tensor,
                pad_id: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Forward + backward of one chunk; returns each row's weighted loss (detached)."""
-    model = ml.model
-    device = ml.scaling.device
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # right padding: causal attention never looks at it
-        ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
-        labels[i, :len(r.labels)] = torch.tensor(r.labels)
-        mask[i, :len(r.input_ids)] = 1
-    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    model, device = ml.model, ml.scaling.device
+    # right padding: causal attention never looks at it
+    ids, mask, labels = right_pad([(r.input_ids, r.labels) for r in rows], pad_id, device)
+    width = ids.shape[1]
     ml._route = ml._make_route(row_slots)
     if seeds is not None and ml._route.rows is None:  # training routes every row (no base-only rows)
         ml._route.keep = ml.dropout_mask(seeds, [len(r.input_ids) for r in rows], width)
@@ -700,16 +653,14 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
     (add() or load()). Step i runs every user with a non-empty i-th batch: each user's loss is the mean over its
     answer tokens in that batch, the step's loss their sum. Rows run in length-sorted chunks of at most
     `tokens_per_forward` padded tokens with gradient accumulation (this bounds activation memory, about 1.3 MB
-    per token for SmolLM2-135M in fp32, and only changes float rounding; default `CPU_TOKENS_PER_FORWARD` on a
-    CPU, what a quarter of the free memory holds on a GPU: `oppu.train.tokens_per_forward_for`). Clipping, the learning-rate schedule
+    per token for SmolLM2-135M in fp32, and only changes float rounding; default: `oppu.train.tokens_per_forward_for`,
+    as the per-user loop). Clipping, the learning-rate schedule
     (`schedule(step, total, warmup)`, warmup = int(warmup_ratio * total) as in `oppu.train.train_loop`) and
     AdamW are per user. LoRA dropout (the MultiLora's `dropout`) draws each row's mask from `seed`, the user's
     own step count and the row's index in its batch (`row_seed`), so it is also the same as training alone.
     Returns each user's loss per step.
     """
-    from oppu.train import tokens_per_forward_for
-
-    tokens_per_forward = tokens_per_forward or tokens_per_forward_for(ml.model, CPU_TOKENS_PER_FORWARD)
+    tokens_per_forward = tokens_per_forward or tokens_per_forward_for(ml.model)
     users = list(batches)
     slots = {u: ml.slot(u) for u in users}
     # An empty batch means the user sits that step out (e.g. joins late); its own step count and schedule
@@ -752,7 +703,7 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
                                      "needs labels other than IGNORE_INDEX after its first token")
             weights = torch.tensor([1.0 / answer_tokens[u] for u in row_user])
             per_row = torch.zeros(len(rows))
-            for chunk in _chunks([len(r.input_ids) for r in rows], tokens_per_forward):
+            for chunk in length_chunks([len(r.input_ids) for r in rows], tokens_per_forward):
                 per_row[chunk] = _step_loss(ml, [rows[i] for i in chunk], [slots[row_user[i]] for i in chunk],
                                             weights[chunk], pad_id, [seeds[i] for i in chunk]).cpu()
             losses = {u: 0.0 for u in present}
@@ -795,14 +746,21 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
     per user id; `progress(stage, step, total, loss)` is called once per step and user, with stage
     `user:<id>:<style>` as in `oppu.train`. Raises `oppu.train.StopRequested` when `should_stop()` turns true.
     """
-    from oppu.model import items_hash
-    from oppu.train import StopRequested, TrainResult, _pad_id, answer_end_ids, encode_example, user_examples
+    from oppu.train import (
+        StopRequested,
+        TrainResult,
+        _pad_id,
+        answer_end_ids,
+        encode_example,
+        trained_items,
+        user_examples,
+    )
 
     if peft_cfg.kind != "lora" or peft_cfg.r > ml.r:
         raise MultiLoraError(f"MultiLora trains LoRA adapters of rank <= {ml.r}, not {peft_cfg.kind} r={peft_cfg.r}")
     end_ids = answer_end_ids(tokenizer)
     batches: dict[str, list[list[TrainExample]]] = {}
-    info: dict[str, tuple[str, list, list]] = {}
+    info: dict[str, tuple[str, list, list]] = {}  # adapter key -> (user id, examples, items)
     for user in users:
         uid = str(user.id)
         items = list(user.history if histories is None or uid not in histories else histories[uid])
@@ -814,8 +772,7 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
                    for ex in examples]
         batches[key] = [[encoded[i] for i in batch] for batch in
                         make_batches(len(encoded), train_cfg.batch_size, train_cfg.epochs, train_cfg.seed)]
-        used = {ex.source_id for ex in examples} | {i for ex in examples for i in getattr(ex, "context_ids", ())}
-        info[key] = (uid, examples, [item for item in items if str(item.id) in used])
+        info[key] = (uid, examples, items)
     stopped = []
 
     taken = dict.fromkeys(batches, 0)
@@ -840,9 +797,8 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
     if stopped:
         raise StopRequested("stopped between two multi-user training steps")
     results = {}
-    for key, (uid, examples, kept) in info.items():
-        results[uid] = TrainResult(
-            user_id=uid, adapter=key, curve=list(enumerate(history[key], start=1)), examples=len(examples),
-            item_ids=[str(item.id) for item in kept],
-            data_hash=items_hash([str(i.id) for i in kept], [task.format_item(i) for i in kept]))
+    for key, (uid, examples, items) in info.items():
+        item_ids, data_hash = trained_items(task, items, examples)
+        results[uid] = TrainResult(user_id=uid, adapter=key, curve=list(enumerate(history[key], start=1)),
+                                   examples=len(examples), item_ids=item_ids, data_hash=data_hash)
     return results

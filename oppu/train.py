@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -45,10 +44,10 @@ no loss of speed on CPU (a row of 150 tokens still makes matmuls large enough)."
 GPU_TOKENS_PER_FORWARD_MAX = 65536
 
 
-def tokens_per_forward_for(model, cpu_default: int = TOKENS_PER_FORWARD) -> int:
-    """Padded tokens per training forward pass on the model's device.
+def tokens_per_forward_for(model) -> int:
+    """Padded tokens per training forward pass on the model's device (the per-user and the multi-user loop alike).
 
-    CPU: `cpu_default` (measured: memory, not speed, sets it). GPU: as many tokens as a quarter of the free
+    CPU: `TOKENS_PER_FORWARD` (measured: memory, not speed, sets it). GPU: as many tokens as a quarter of the free
     memory holds, at an estimate of 20 activations of hidden size per layer and token (SmolLM2-135M in fp32:
     ~1.4 MB a token). A small model's step on a GPU is bound by kernel launches, so one wide pass per step beats
     a dozen narrow ones (measured on an H200: docs/PERFORMANCE.md).
@@ -57,11 +56,11 @@ def tokens_per_forward_for(model, cpu_default: int = TOKENS_PER_FORWARD) -> int:
 
     param = next(model.parameters())
     if param.device.type != "cuda":
-        return cpu_default
+        return TOKENS_PER_FORWARD
     free, _ = torch.cuda.mem_get_info(param.device)
     cfg = model.config
     per_token = 20 * cfg.hidden_size * cfg.num_hidden_layers * param.element_size()
-    return int(max(cpu_default, min(GPU_TOKENS_PER_FORWARD_MAX, 0.25 * free / per_token)))
+    return int(max(TOKENS_PER_FORWARD, min(GPU_TOKENS_PER_FORWARD_MAX, 0.25 * free / per_token)))
 
 
 TASK_ADAPTER_FORMAT = 1  # bump when example construction changes, so cached task adapters are retrained
@@ -216,7 +215,7 @@ def encode_example(tokenizer, example: Example, max_length: int, end_ids: Sequen
     return prompt + target, [-100] * len(prompt) + target
 
 
-def _right_pad(batch: Sequence[tuple[list, list]], pad_id: int, device):
+def right_pad(batch: Sequence[tuple[list, list]], pad_id: int, device):
     import torch
 
     width = max(len(ids) for ids, _ in batch)
@@ -244,6 +243,26 @@ def length_chunks(lengths: Sequence[int], tokens_per_forward: int) -> list[list[
         else:
             chunks.append([i])
     return chunks
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor at `step` (0-based): linear warmup over `warmup` steps, then linear decay to zero at
+    `total` (the per-user and the multi-user loop share it, so their schedules cannot drift apart)."""
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    return max(0.0, (total - step) / max(total - warmup, 1))
+
+
+def make_batches(n_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """One user's batches of example indices in training order: one `random.Random(seed)` shuffling the examples
+    again every epoch, the last batch of an epoch short (the per-user and the multi-user loop visit these)."""
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(epochs):
+        order = list(range(n_examples))
+        rng.shuffle(order)
+        batches += [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+    return batches
 
 
 def _is_prompt_learning(model) -> bool:
@@ -277,7 +296,7 @@ def _accumulate(model, batch: Sequence[tuple[list, list]], pad_id: int, device, 
         raise ValueError("a training batch has no answer tokens: every example needs a non-empty target")
     total = 0.0
     for chunk in length_chunks([len(ids) for ids, _ in batch], tokens_per_forward):
-        ids, mask, labels = _right_pad([batch[i] for i in chunk], pad_id, device)
+        ids, mask, labels = right_pad([batch[i] for i in chunk], pad_id, device)
         loss = answer_loss_sum(model, ids, mask, labels) / answer_tokens
         loss.backward()
         total += float(loss.detach())
@@ -298,35 +317,26 @@ def train_loop(model, params: list, encoded: Sequence[tuple[list, list]], cfg: T
         return []
     tokens_per_forward = tokens_per_forward or tokens_per_forward_for(model)
     device = next(model.parameters()).device
-    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    batches = make_batches(len(encoded), cfg.batch_size, cfg.epochs, cfg.seed)
+    total = len(batches)
     warmup = int(total * cfg.warmup_ratio)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(warmup, 1) if s < warmup else max(0.0, (total - s) / max(total - warmup, 1)))
-    rng = random.Random(cfg.seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     curve: list[tuple[int, float]] = []
     was_training = model.training
     model.train()
-    step = 0
     try:
-        for _epoch in range(cfg.epochs):
-            order = list(range(len(encoded)))
-            rng.shuffle(order)
-            for start in range(0, len(order), cfg.batch_size):
-                if should_stop is not None and should_stop():
-                    raise StopRequested(f"stopped at step {step} of {total} ({stage})")
-                batch = [encoded[i] for i in order[start:start + cfg.batch_size]]
-                loss = _accumulate(model, batch, pad_id, device, tokens_per_forward)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                value = loss
-                curve.append((step, value))
-                if progress is not None:
-                    progress(stage, step, total, value)
+        for step, indices in enumerate(batches, start=1):
+            if should_stop is not None and should_stop():
+                raise StopRequested(f"stopped at step {step - 1} of {total} ({stage})")
+            loss = _accumulate(model, [encoded[i] for i in indices], pad_id, device, tokens_per_forward)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.append((step, loss))
+            if progress is not None:
+                progress(stage, step, total, loss)
     finally:
         model.train(was_training)
         for p in params:
@@ -362,11 +372,17 @@ def train_user(pool: AdapterPool, tokenizer, task, user, style: PromptStyle, pef
     curve = train_loop(pool.model, params, encoded, train_cfg, _pad_id(tokenizer), stage, progress, should_stop)
     for p in params:
         p.requires_grad_(False)
+    item_ids, data_hash = trained_items(task, items, examples)
+    return TrainResult(user_id=str(user.id), adapter=name, curve=curve, examples=len(examples), item_ids=item_ids,
+                       data_hash=data_hash)
+
+
+def trained_items(task, items: Sequence[Any], examples: Sequence[Example]) -> tuple[list[str], str]:
+    """(ids, hash) of the history items an adapter saw: its targets and their retrieved context, in history
+    order. What a manifest records to prove the adapter holds this user's data only."""
     used = {ex.source_id for ex in examples} | {i for ex in examples for i in ex.context_ids}
-    kept = [item for item in items if str(item.id) in used]  # targets and retrieved context, in history order
-    return TrainResult(user_id=str(user.id), adapter=name, curve=curve, examples=len(examples),
-                       item_ids=[str(item.id) for item in kept],
-                       data_hash=items_hash([str(i.id) for i in kept], [task.format_item(i) for i in kept]))
+    kept = [item for item in items if str(item.id) in used]
+    return [str(i.id) for i in kept], items_hash([str(i.id) for i in kept], [task.format_item(i) for i in kept])
 
 
 def train_users(pool: AdapterPool, tokenizer, task, users: Sequence[Any], style: PromptStyle,

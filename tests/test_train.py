@@ -178,7 +178,7 @@ def test_answer_only_loss_in_chunks_equals_the_full_forward_loss(tiny_model, tin
     mean answer-token loss and the same gradients as Hugging Face's full-vocabulary forward."""
     import torch
 
-    from oppu.train import _accumulate, _right_pad
+    from oppu.train import _accumulate, right_pad
 
     model, tok = tiny_model
     pool = AdapterPool(model)
@@ -193,7 +193,7 @@ def test_answer_only_loss_in_chunks_equals_the_full_forward_loss(tiny_model, tin
                                                                                 get_retriever("bm25"))[2:5]
     batch = [encode_example(tok, ex, 1024, end) for ex in examples]
     assert len({len(ids) for ids, _ in batch}) > 1  # rows of different lengths, so chunks and padding differ
-    ids, mask, labels = _right_pad(batch, tok.pad_token_id, "cpu")
+    ids, mask, labels = right_pad(batch, tok.pad_token_id, "cpu")
     reference = pool.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
     reference.backward()
     expected = [p.grad.clone() for p in params]
