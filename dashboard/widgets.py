@@ -463,6 +463,15 @@ def pick(label: str, options: list, key: str, url_param: str | None = None, **kw
     return st.selectbox(label, options, index=index, key=key, **kwargs), unknown
 
 
+def data_task_picker(key: str) -> str:
+    """The task picker over the tasks with a data folder; with none, the no-data message, and the page stops."""
+    tasks = available_tasks(paths().data)
+    if not tasks:
+        no_data_message(paths().data)
+        st.stop()
+    return task_picker(tasks, key=key)
+
+
 def no_data_message(data_dir: Path) -> None:
     st.warning(f"No LaMP task folders found in `{data_dir}`. Point `OPPU_DATA` at a folder with one sub-folder "
                "per task (e.g. `data/demo/LaMP_2M/`), or create the demo data with `python data/generate.py`.")

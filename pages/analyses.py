@@ -8,13 +8,7 @@ import streamlit as st
 from dashboard import widgets
 
 st.title("Analyses")
-where = widgets.paths()
-tasks = widgets.available_tasks(where.data)
-if not tasks:
-    widgets.no_data_message(where.data)
-    st.stop()
-
-task = widgets.task_picker(tasks, key="analyses-task")
+task = widgets.data_task_picker(key="analyses-task")
 metric, lower = widgets.score_name(task)
 st.caption(f"Every figure scores each stored answer of {task} by {metric} and averages over the runs of the task.")
 tabs = st.tabs([a.title for a in widgets.ANALYSES])

@@ -8,12 +8,7 @@ from dashboard import charts, tables, widgets
 
 where = widgets.paths()
 st.title("Data explorer")
-tasks = widgets.available_tasks(where.data)
-if not tasks:
-    widgets.no_data_message(where.data)
-    st.stop()
-
-task = widgets.task_picker(tasks, key="explore-task")
+task = widgets.data_task_picker(key="explore-task")
 with widgets.friendly(f"load {task} from {where.data}"):
     data = widgets.task_data(task)
     sizes = tables.user_sizes(data)

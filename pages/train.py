@@ -11,14 +11,8 @@ import streamlit as st
 from dashboard import charts, widgets
 from oppu.config import METHODS, PEFT_KINDS, RETRIEVERS, ConfigError
 
-where = widgets.paths()
 st.title("Train personal adapters")
-tasks = widgets.available_tasks(where.data)
-if not tasks:
-    widgets.no_data_message(where.data)
-    st.stop()
-
-task = widgets.task_picker(tasks, key="train-task")
+task = widgets.data_task_picker(key="train-task")
 test_users: list[str] = []
 with widgets.friendly(f"load the users of {task}"):
     test_users = [u.id for u in widgets.task_data(task).most_active(10_000)]
