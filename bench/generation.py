@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft.utils import set_peft_model_state_dict
 
     from oppu.config import GenerationConfig, PeftConfig
-    from oppu.generate import encode_prompt, generate
+    from oppu.generate import DEFAULT_MAX_PROMPT_TOKENS, encode_prompt, generate
     from oppu.model import AdapterPool, eos_token_ids
     from oppu.multilora import MultiLora, generate_ids
     from oppu.tasks import get_task
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"user {user.id} has {len(queries)} queries, fewer than --queries {args.queries}")
         prompts += [task.prompt(q.input) for q in queries]
         owners += [str(user.id)] * len(queries)
-    encoded = [encode_prompt(tokenizer, p, 1536) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, DEFAULT_MAX_PROMPT_TOKENS) for p in prompts]
     eos = eos_token_ids(tokenizer, base)
     peft_cfg = PeftConfig(dropout=0.0)
 

@@ -102,13 +102,12 @@ class MultiLoraBank:
         return self.ml.save(key, folder, manifest)
 
     def generate(self, tokenizer, prompts, keys, gen_cfg, max_new_tokens) -> list[str]:
-        from oppu.generate import DEFAULT_MAX_PROMPT_TOKENS
         from oppu.multilora import generate_multi, greedy, sampler
 
         pick = greedy if gen_cfg.greedy else sampler(gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p,
                                                      gen_cfg.seed, self.ml.scaling.device)
         return generate_multi(self.ml, tokenizer, prompts, list(keys), max_new_tokens,
-                              batch_size=gen_cfg.batch_size, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS, pick=pick)
+                              batch_size=gen_cfg.batch_size, pick=pick)
 
     def delete(self, key: str) -> None:
         self.ml.remove(key)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oppu.generate import left_pad
+from oppu.generate import DEFAULT_MAX_PROMPT_TOKENS, left_pad
 from oppu.train import length_chunks, linear_schedule, make_batches, right_pad, tokens_per_forward_for
 
 __all__ = ["MultiLora", "MultiLoraError", "TrainExample", "generate_ids", "generate_multi", "greedy",
@@ -527,7 +527,7 @@ def generate_ids(ml: MultiLora, rows: Sequence[Sequence[int]], adapters: Sequenc
 
 def generate_multi(ml: MultiLora, tokenizer, prompts: Sequence[str], adapter_ids: Sequence[str | None],
                    max_new_tokens: int, eos_token_ids: Sequence[int] | None = None, *, batch_size: int = 64,
-                   max_prompt_tokens: int = 1536, pick: Pick = greedy) -> list[str]:
+                   max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, pick: Pick = greedy) -> list[str]:
     """Answer user-message prompts (greedily by default), row i with adapter `adapter_ids[i]`: a drop-in for the
     LoRA path of `oppu.generate.generate` (same chat wrapping and truncation, same end tokens, only new tokens
     decoded)."""
