@@ -1,0 +1,85 @@
+"""fp32 against bf16 on this machine: one training step and one prefill of the default model, same inputs.
+
+What `--dtype bfloat16` would buy before choosing it: on CPUs with AMX bf16 matmuls are several times faster than
+fp32, on others (REFERENCE.md measured an AMD EPYC) far slower. Three training variants: fp32; bf16 autocast over
+fp32 weights (what the official OPPU script's `TrainingArguments(bf16=True)` does); a bf16 model. Each is the
+best of `--repeats` runs, after a warm-up. Not part of `python -m bench` (no target rides on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench.common import (
+    add_device_argument,
+    append_report,
+    apply_device_argument,
+    load_default_model,
+    markdown_table,
+)
+
+
+def best_time(fn, repeats: int) -> float:
+    from bench.common import sync
+
+    fn()  # warm-up: thread pool, allocator, oneDNN kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    add_device_argument(parser)
+    args = parser.parse_args(argv)
+    apply_device_argument(args)
+
+    import torch
+
+    model, _ = load_default_model()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    train_ids = torch.randint(100, 20000, (4, 128), generator=gen).to(device)
+    prefill_ids = torch.randint(100, 20000, (16, 200), generator=gen).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def train_step(m, autocast: bool) -> None:
+        # Gradient into one projection is enough to run the whole backward through the body.
+        weight = m.model.layers[0].self_attn.q_proj.weight
+        weight.requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            hidden = m.get_decoder()(input_ids=train_ids).last_hidden_state
+            loss = hidden.float().pow(2).mean()
+        loss.backward()
+        weight.grad = None
+        weight.requires_grad_(False)
+
+    def prefill(m) -> None:
+        with torch.no_grad():
+            m(input_ids=prefill_ids, logits_to_keep=1)
+
+    rows = [{"work": "training step, 4 x 128 tokens", "fp32 s": best_time(lambda: train_step(model, False), args.repeats),
+             "bf16 autocast s": best_time(lambda: train_step(model, True), args.repeats)}]
+    fp32_prefill = best_time(lambda: prefill(model), args.repeats)
+    model.to(torch.bfloat16)
+    rows[0]["bf16 model s"] = best_time(lambda: train_step(model, False), args.repeats)
+    rows.append({"work": "prefill, 16 x 200 tokens", "fp32 s": fp32_prefill,
+                 "bf16 model s": best_time(lambda: prefill(model), args.repeats)})
+    for row in rows:
+        row["bf16 model speed-up"] = row["fp32 s"] / row["bf16 model s"]
+    notes = [f"best of {args.repeats} runs after a warm-up; random token ids; the model's own weights",
+             "bf16 autocast keeps fp32 weights and runs matmuls in bf16, as the official script trained"]
+    append_report("Precision: fp32 against bf16", markdown_table(rows), notes, write=not args.no_report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
