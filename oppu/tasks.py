@@ -386,3 +386,8 @@ def get_task(task_id: str) -> Task:
         hint = f" (did you mean {by_lower[close[0]]}?)" if close else ""
         raise UnknownTaskError(f"unknown task {task_id!r}{hint}: use one of {', '.join(TASKS)}")
     return task
+
+
+def as_task(task_or_id: Task | str) -> Task:
+    """`task_or_id` itself when it is a Task, else the task with that id (see `get_task`)."""
+    return task_or_id if isinstance(task_or_id, Task) else get_task(task_or_id)
