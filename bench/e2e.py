@@ -1,7 +1,7 @@
 """End to end (issue #7): the project's OPPU run against a re-creation of the official per-user loop.
 
 Workload (defaults): the 16 most active LaMP_2M demo test users, each user's history bounded to its most recent
-`--items` items (the same `oppu.train.user_examples` selection in both paths), the run's per-user training
+`--items` items (the same `oppu.examples.user_examples` selection in both paths), the run's per-user training
 settings (`RunConfig().user_train`: epochs, lr, batch size, max length, clip 1.0, no warmup or weight decay),
 LoRA r=8 / alpha=8 / dropout 0.05 on q_proj/v_proj, every query of every user answered greedily with the task's
 own budget of new tokens. Task adaptation is excluded from both paths (the plain embedded model is the base).
@@ -70,7 +70,7 @@ def pick_users(task_id: str, n: int) -> list:
 
 def query_prompt(task, query) -> str:
     """The OPPU (no retrieval, no profile) prompt of one query, built as the experiment builds it."""
-    from oppu.train import PromptStyle, build_prompt
+    from oppu.examples import PromptStyle, build_prompt
 
     prompt, _ = build_prompt(task, query.input, PromptStyle(), (), None, None, before=query.date)
     return prompt
@@ -101,9 +101,10 @@ def official_loop(model, tokenizer, task, users: Sequence, peft_cfg, train_cfg, 
     import torch
     import transformers
 
+    from oppu.examples import PromptStyle, user_examples
     from oppu.generate import DEFAULT_MAX_PROMPT_TOKENS, encode_prompt
     from oppu.model import eos_token_ids, to_peft_config
-    from oppu.train import PromptStyle, answer_end_ids, encode_example, user_examples
+    from oppu.train import answer_end_ids, encode_example
 
     end_ids = answer_end_ids(tokenizer)
     eos = eos_token_ids(tokenizer, model)

@@ -1,7 +1,7 @@
 """Training many users' adapters: one multi-user batched loop against the per-user sequential loop.
 
 Workload (defaults): the 16 demo LaMP_2M users with the most history, 16 history items each, turned into OPPU
-training examples (plain prompts) by `oppu.train.user_examples`, with the run's per-user training settings
+training examples (plain prompts) by `oppu.examples.user_examples`, with the run's per-user training settings
 (`RunConfig().user_train`: 2 epochs, batch 8, lr 1e-3, clip 1.0) and LoRA r=8 on q_proj/v_proj.
 
 - sequential: `oppu.train.train_users` (one PEFT adapter per user, trained one user after another);
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from oppu.config import PeftConfig, RunConfig
     from oppu.data import User
+    from oppu.examples import PromptStyle, user_examples
     from oppu.model import AdapterPool
     from oppu.multilora import (
         MultiLora,
@@ -80,13 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from oppu.tasks import get_task
     from oppu.train import (
-        PromptStyle,
         _pad_id,
         answer_end_ids,
         encode_example,
         tokens_per_forward_for,
         train_users,
-        user_examples,
     )
 
     task = get_task(args.task)

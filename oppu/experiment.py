@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from oppu.config import METHODS, ConfigError, RunConfig
-from oppu.train import PromptStyle, StopRequested
+from oppu.examples import PromptStyle
+from oppu.train import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def _train_adapters(ctx: _Context, users: Sequence, style: PromptStyle, historie
 def _query_row(ctx: _Context, user, method: str, query, history: Sequence, profile: str | None
                ) -> tuple[dict[str, Any], str, str | None]:
     """(prediction row without outputs, prompt, adapter name) for one query under one method."""
-    from oppu.train import build_prompt
+    from oppu.examples import build_prompt
 
     cfg = ctx.cfg
     style = method_style(cfg, method)

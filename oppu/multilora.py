@@ -739,22 +739,15 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
                 progress: Callable[[str, int, int, float], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Drop-in for `oppu.train.train_users` on a `MultiLora`: the same examples (built from each user alone by
-    `oppu.train.user_examples`), encoding, batch order, schedule and clipping, with all users in one loop.
+    `oppu.examples.user_examples`), encoding, batch order, schedule and clipping, with all users in one loop.
 
     Each user's adapter is created fresh in `ml` under its adapter key (default: the user id), seeded by
     `train_cfg.seed` (PEFT's initial distribution, not its exact random draw). Returns `oppu.train.TrainResult`
     per user id; `progress(stage, step, total, loss)` is called once per step and user, with stage
     `user:<id>:<style>` as in `oppu.train`. Raises `oppu.train.StopRequested` when `should_stop()` turns true.
     """
-    from oppu.train import (
-        StopRequested,
-        TrainResult,
-        _pad_id,
-        answer_end_ids,
-        encode_example,
-        trained_items,
-        user_examples,
-    )
+    from oppu.examples import trained_items, user_examples
+    from oppu.train import StopRequested, TrainResult, _pad_id, answer_end_ids, encode_example
 
     if peft_cfg.kind != "lora" or peft_cfg.r > ml.r:
         raise MultiLoraError(f"MultiLora trains LoRA adapters of rank <= {ml.r}, not {peft_cfg.kind} r={peft_cfg.r}")

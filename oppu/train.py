@@ -1,15 +1,12 @@
 """The PEFT training loops: task adaptation (one LoRA on other users, merged into the base) and per-user PEFT
-(the multi-user batched LoRA loop is `oppu/multilora.py`'s; both build examples here).
+(the multi-user batched LoRA loop is `oppu.multilora`'s; both build their examples with `oppu.examples`).
 
 Protocol (the paper / official code, minus its defects):
 - Loss on the answer tokens only: prompt tokens are masked with -100.
 - Prompts are chat-templated exactly as at generation time (`generate.encode_prompt`), so the adapter learns
   the format it will be asked in.
-- A per-user adapter trains on THAT user's history only. Its examples are built inside `train_user` from the
-  user passed in; the official script built one list outside its user loop, so user i trained on users 0..i.
-- An adapter for a retrieval method trains on prompts that contain k retrieved EARLIER items of the same user
-  (earlier by date when both dates are known, else earlier in the history list, as the official code did), and
-  on the profile for profile methods: train and test prompts have the same shape.
+- A per-user adapter trains on THAT user's history only: its examples are built inside `train_user` from the
+  user passed in (`oppu.examples.user_examples`).
 - Seeded: adapter initialisation, example order and sampling depend only on `TrainConfig.seed`.
 
 Progress goes through `progress(stage, step, total, loss)`; `should_stop()` is honoured between steps by raising
@@ -29,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from oppu.config import PeftConfig, TrainConfig
+from oppu.examples import Example, PromptStyle, adaptation_examples, trained_items, user_examples
 from oppu.generate import encode_prompt
-from oppu.model import AdapterPool, chat_end_token, items_hash, to_peft_config
-from oppu.retrieval import Retriever, is_before
+from oppu.model import AdapterPool, chat_end_token, to_peft_config
+from oppu.retrieval import Retriever
 
 log = logging.getLogger(__name__)
 
@@ -70,31 +68,6 @@ class StopRequested(Exception):
     """should_stop() returned True between two training steps."""
 
 
-@dataclass(frozen=True)
-class PromptStyle:
-    """Which personalization levers appear inside a prompt (training and inference alike)."""
-
-    retrieval: bool = False
-    profile: bool = False
-    k: int = 0
-    text_only: bool = False
-
-    @property
-    def key(self) -> str:
-        parts = [p for p, on in (("rag", self.retrieval and self.k > 0), ("pag", self.profile)) if on]
-        return "+".join(parts) or "plain"
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    target: str
-    source_id: str
-    """Id of the history item or query the example was built from (for manifests and privacy checks)."""
-    context_ids: tuple[str, ...] = ()
-    """Ids of the retrieved items shown in the prompt (they are trained on too, as context)."""
-
-
 @dataclass
 class TrainResult:
     user_id: str
@@ -116,87 +89,6 @@ class AdaptResult:
     folder: Path
     cached: bool
     curve: list[tuple[int, float]] = field(default_factory=list)
-
-
-# -- examples ------------------------------------------------------------------------------------------------
-def _earlier(history: Sequence[Any], index: int) -> list[Any]:
-    """Items a history item may retrieve: strictly earlier by date when both are dated, else earlier in list."""
-    item = history[index]
-    out = []
-    for j, other in enumerate(history):
-        if j == index:
-            continue
-        both_dated = getattr(item, "date", None) and getattr(other, "date", None)
-        if (both_dated and is_before(other.date, item.date)) or (not both_dated and j < index):
-            out.append(other)
-    return out
-
-
-def build_prompt(task, input_text: str, style: PromptStyle, candidates: Sequence[Any],
-                 retriever: Retriever | None, profile: str | None, before: str | None = None) -> tuple[str, list]:
-    """(prompt, retrieved [(item, score)]) for one input under a prompt style. Never sees a gold answer."""
-    retrieved: list = []
-    if style.retrieval and style.k > 0 and retriever is not None and candidates:
-        retrieved = retriever.retrieve(task.query_text(input_text), candidates, style.k, before=before)
-    prompt = task.prompt(input_text, retrieved=[item for item, _ in retrieved],
-                         profile=profile if style.profile else None, text_only=style.text_only)
-    return prompt, retrieved
-
-
-def user_examples(task, history: Sequence[Any], style: PromptStyle, retriever: Retriever | None = None,
-                  profile: str | None = None, max_examples: int | None = None, seed: int = 0) -> list[Example]:
-    """One user's history items as training examples (the user's own items only).
-
-    With `max_examples`, the user's MOST RECENT usable items are kept (by date, undated items by list position),
-    chosen before retrieval runs: a very active user's recent behaviour is what their next queries follow (the
-    demo data's behaviour shift, and real users' drifting taste), and older items still serve as retrieved
-    context. `seed` is kept for callers; the choice itself is deterministic.
-    """
-    usable = [(i, pair) for i, item in enumerate(history) if (pair := task.history_example(item)) is not None]
-    if max_examples is not None and len(usable) > max_examples:
-        by_recency = sorted(usable, key=lambda x: (getattr(history[x[0]], "date", None) or "", x[0]))
-        usable = sorted(by_recency[-max_examples:], key=lambda x: x[0])
-    examples = []
-    for index, (input_text, target) in usable:
-        prompt, retrieved = build_prompt(task, input_text, style,
-                                         _earlier(history, index) if style.retrieval else (), retriever, profile)
-        examples.append(Example(prompt, target, str(history[index].id),
-                                tuple(str(item.id) for item, _ in retrieved)))
-    return examples
-
-
-def adaptation_examples(task, users: Sequence[Any], styles: Sequence[PromptStyle], retriever: Retriever | None,
-                        seed: int, max_examples: int | None) -> list[Example]:
-    """Task adaptation data: other users' history items and gold-labelled queries, in each prompt style.
-
-    The sample is drawn (seeded) before prompts are built, so retrieval only runs for the examples kept. A user's
-    profile is used for profile styles when the data carries one; otherwise the example is plain.
-    """
-    slots = []  # (user index, "item"|"query", index, style)
-    for u, user in enumerate(users):
-        for style in styles:
-            slots += [(u, "item", i, style) for i in range(len(user.history))]
-            slots += [(u, "query", i, style) for i, q in enumerate(user.queries) if q.gold]
-    rng = random.Random(seed)
-    if max_examples is not None and len(slots) > max_examples:
-        slots = rng.sample(slots, max_examples)
-    examples = []
-    for u, kind, i, style in slots:
-        user = users[u]
-        if kind == "item":
-            pair = task.history_example(user.history[i])
-            if pair is None:
-                continue
-            candidates, before, source = _earlier(user.history, i), None, user.history[i].id
-            input_text, target = pair
-        else:
-            query = user.queries[i]
-            candidates, before, source = user.history, query.date, query.id
-            input_text, target = query.input, query.gold
-        prompt, _ = build_prompt(task, input_text, style, candidates if style.retrieval else (), retriever,
-                                 user.profile_text, before)
-        examples.append(Example(prompt, target, f"{user.id}/{source}"))
-    return examples
 
 
 # -- encoding and the loop -----------------------------------------------------------------------------------
@@ -375,14 +267,6 @@ def train_user(pool: AdapterPool, tokenizer, task, user, style: PromptStyle, pef
     item_ids, data_hash = trained_items(task, items, examples)
     return TrainResult(user_id=str(user.id), adapter=name, curve=curve, examples=len(examples), item_ids=item_ids,
                        data_hash=data_hash)
-
-
-def trained_items(task, items: Sequence[Any], examples: Sequence[Example]) -> tuple[list[str], str]:
-    """(ids, hash) of the history items an adapter saw: its targets and their retrieved context, in history
-    order. What a manifest records to prove the adapter holds this user's data only."""
-    used = {ex.source_id for ex in examples} | {i for ex in examples for i in ex.context_ids}
-    kept = [item for item in items if str(item.id) in used]
-    return [str(i.id) for i in kept], items_hash([str(i.id) for i in kept], [task.format_item(i) for i in kept])
 
 
 def train_users(pool: AdapterPool, tokenizer, task, users: Sequence[Any], style: PromptStyle,

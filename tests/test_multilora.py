@@ -362,10 +362,10 @@ def test_train_users_is_a_drop_in_for_the_per_user_loop(tiny_model, tiny_users):
     """Same examples, items, data hash and schedule length as oppu.train.train_users; B starts at zero in both,
     so each user's first-step loss (the base model on that user's first batch) must agree exactly."""
     from oppu.config import PeftConfig, TrainConfig
+    from oppu.examples import PromptStyle
     from oppu.model import AdapterPool
     from oppu.multilora import train_users
     from oppu.tasks import get_task
-    from oppu.train import PromptStyle
     from oppu.train import train_users as train_users_per_user
 
     model, tokenizer = tiny_model

@@ -7,20 +7,17 @@ import math
 import pytest
 
 from oppu.config import PeftConfig, TrainConfig
+from oppu.examples import Example, PromptStyle, adaptation_examples, user_examples
 from oppu.model import AdapterPool
 from oppu.retrieval import get_retriever
 from oppu.tasks import get_task
 from oppu.train import (
-    Example,
-    PromptStyle,
     StopRequested,
     adapt_task,
-    adaptation_examples,
     answer_end_ids,
     encode_example,
     train_user,
     train_users,
-    user_examples,
 )
 
 TASK = get_task("LaMP_2M")
