@@ -1,7 +1,10 @@
-"""Typed, immutable records of LaMP data; readers and writers for the official LaMP files and OPPU's per-user layout.
+"""Typed, immutable records of LaMP data and the OPPU per-user layout: reading, checking and writing task folders.
 
-Scope: parsing, checking, converting and writing data files. Nothing here imports heavy libraries or mutates what
-it read. Rules (documented in data/README.md):
+Scope: the records (`Item`, `Query`, `User`, `TaskData`, `Problem`), the shared parsing of items, queries and gold
+files, and the OPPU files of one task folder (`user_others.json`, `user_top_100_history*.json`, PAG profiles).
+The official LaMP question/output files (reading, grouping into users, converting, downloading, validating) live in
+`oppu.lamp_import`, which builds on this module. Nothing here imports heavy libraries or mutates what it read.
+Rules (documented in data/README.md):
 - Ids are strings. JSON integers are accepted as ids and turned into their decimal string silently (they are
   unambiguous); any other type (float, bool, null, list...) is a dirty record.
 - A dirty record (missing field, wrong type, unknown label, duplicate id) becomes a `Problem` naming the file, the
@@ -18,8 +21,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,7 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from oppu.paths import atomic_folder, write_json_atomic
-from oppu.tasks import TASKS, Task, get_task
+from oppu.tasks import Task, as_task
 
 OTHERS_FILE = "user_others.json"
 TEST_FILE = "user_top_100_history.json"
@@ -151,16 +152,6 @@ class TaskData:
         return tuple(ranked[: max(0, n)])
 
 
-@dataclass(frozen=True)
-class LampQuestion:
-    """One record of an official LaMP `*_questions.json` file, with its gold when an outputs file was given."""
-
-    id: str
-    input: str
-    profile: tuple[Item, ...]
-    gold: str | None = None
-
-
 # -- low-level reading ---------------------------------------------------------------------------------------
 
 
@@ -188,7 +179,7 @@ def read_json(path: str | os.PathLike[str]) -> tuple[Any, bytes]:
         raise DataError(f"{path}: JSON nested too deeply to read; the file is not LaMP data") from None
 
 
-def _id_of(value: Any) -> str | None:
+def id_of(value: Any) -> str | None:
     """A record id as a string, or None when it is unusable (see the module docstring for the rule)."""
     if isinstance(value, str) and value.strip():
         return value
@@ -205,7 +196,7 @@ def _text_of(value: Any) -> str | None:
     return None
 
 
-class _Sink:
+class ProblemSink:
     """Collects the problems of one file."""
 
     def __init__(self, file: str | os.PathLike[str]):
@@ -216,19 +207,19 @@ class _Sink:
         self.problems.append(Problem(self.file, record, message, fix))
 
 
-def _expect_list(data: Any, path: Path, what: str) -> list[Any]:
+def expect_list(data: Any, path: Path, what: str) -> list[Any]:
     if not isinstance(data, list):
         raise DataError(f"{path}: top level is a JSON {type(data).__name__}, expected a list of {what}; "
                         "is this the right file?")
     return data
 
 
-def parse_item(raw: Any, task: Task, sink: _Sink, where: str) -> Item | None:
+def parse_item(raw: Any, task: Task, sink: ProblemSink, where: str) -> Item | None:
     """One history item, or None (with a problem recorded) when it is dirty."""
     if not isinstance(raw, dict):
         sink.add(where, f"item is a {type(raw).__name__}, not an object", "make each profile item a JSON object")
         return None
-    item_id = _id_of(raw.get("id"))
+    item_id = id_of(raw.get("id"))
     if item_id is None:
         sink.add(where, f"item id {raw.get('id')!r} is missing or not a string", 'give every item a string "id"')
         return None
@@ -258,7 +249,7 @@ def parse_item(raw: Any, task: Task, sink: _Sink, where: str) -> Item | None:
     return Item(item_id, fields, _date_of(raw.get("date"), sink, where))
 
 
-def _date_of(value: Any, sink: _Sink, where: str) -> str | None:
+def _date_of(value: Any, sink: ProblemSink, where: str) -> str | None:
     if value is None or value == "":
         return None
     if isinstance(value, str) and _ISO_DATE.match(value.strip()):
@@ -267,7 +258,7 @@ def _date_of(value: Any, sink: _Sink, where: str) -> str | None:
     return None
 
 
-def _parse_history(raw: Any, task: Task, sink: _Sink, where: str) -> tuple[Item, ...]:
+def parse_history(raw: Any, task: Task, sink: ProblemSink, where: str) -> tuple[Item, ...]:
     if not isinstance(raw, list):
         sink.add(where, f"profile is a {type(raw).__name__}, not a list; treated as empty",
                  "make the profile a JSON list of items")
@@ -286,7 +277,7 @@ def _parse_history(raw: Any, task: Task, sink: _Sink, where: str) -> tuple[Item,
     return tuple(items)
 
 
-def _parse_gold(value: Any, task: Task, sink: _Sink, where: str) -> tuple[bool, str | None]:
+def _parse_gold(value: Any, task: Task, sink: ProblemSink, where: str) -> tuple[bool, str | None]:
     """(ok, gold) of one gold value; a label task's gold must be one of its labels."""
     if value is None:
         return True, None
@@ -300,7 +291,7 @@ def _parse_gold(value: Any, task: Task, sink: _Sink, where: str) -> tuple[bool, 
     return True, gold
 
 
-def _parse_queries(raw: Any, task: Task, sink: _Sink, where: str, seen: set[str]) -> tuple[Query, ...]:
+def _parse_queries(raw: Any, task: Task, sink: ProblemSink, where: str, seen: set[str]) -> tuple[Query, ...]:
     if not isinstance(raw, list):
         sink.add(where, f"query is a {type(raw).__name__}, not a list; treated as empty",
                  "make `query` a JSON list")
@@ -310,7 +301,7 @@ def _parse_queries(raw: Any, task: Task, sink: _Sink, where: str, seen: set[str]
         if not isinstance(q, dict):
             sink.add(where, f"query is a {type(q).__name__}, not an object", "make each query a JSON object")
             continue
-        qid = _id_of(q.get("id"))
+        qid = id_of(q.get("id"))
         if qid is None:
             sink.add(where, f"query id {q.get('id')!r} is missing or not a string", 'give each query a string "id"')
             continue
@@ -332,11 +323,11 @@ def _parse_queries(raw: Any, task: Task, sink: _Sink, where: str, seen: set[str]
 def read_users(path: str | os.PathLike[str], task: Task | str, seen_queries: set[str] | None = None,
                ) -> tuple[tuple[User, ...], list[int], tuple[Problem, ...], bytes]:
     """Users of one OPPU per-user file: (users, their index in the file, problems, raw bytes)."""
-    task = task if isinstance(task, Task) else get_task(task)
+    task = as_task(task)
     path = Path(path)
     data, raw = read_json(path)
-    records = _expect_list(data, path, "users ({user_id, profile, query})")
-    sink = _Sink(path)
+    records = expect_list(data, path, "users ({user_id, profile, query})")
+    sink = ProblemSink(path)
     seen_queries = set() if seen_queries is None else seen_queries
     users: list[User] = []
     positions: list[int] = []
@@ -346,7 +337,7 @@ def read_users(path: str | os.PathLike[str], task: Task | str, seen_queries: set
             sink.add(f"record {index}", f"user is a {type(record).__name__}, not an object",
                      "make each user a JSON object with user_id, profile and query")
             continue
-        uid = _id_of(record.get("user_id"))
+        uid = id_of(record.get("user_id"))
         if uid is None:
             sink.add(f"record {index}", f"user_id {record.get('user_id')!r} is missing or not a string",
                      'give each user a string "user_id"')
@@ -356,7 +347,7 @@ def read_users(path: str | os.PathLike[str], task: Task | str, seen_queries: set
             sink.add(where, "duplicate user id; later copy skipped", "user ids must be unique in a file")
             continue
         seen_users.add(uid)
-        history = _parse_history(record.get("profile", []), task, sink, where)
+        history = parse_history(record.get("profile", []), task, sink, where)
         queries = _parse_queries(record.get("query", []), task, sink, where, seen_queries)
         users.append(User(uid, history, queries))
         positions.append(index)
@@ -366,7 +357,7 @@ def read_users(path: str | os.PathLike[str], task: Task | str, seen_queries: set
 def read_golds(path: str | os.PathLike[str], task: Task | str | None = None,
                ) -> tuple[dict[str, str], tuple[Problem, ...], bytes]:
     """Golds of an outputs/label file: `{"task", "golds": [...]}` or a bare list of `{"id", "output"}`."""
-    task = task if isinstance(task, Task) or task is None else get_task(task)
+    task = None if task is None else as_task(task)
     path = Path(path)
     data, raw = read_json(path)
     if isinstance(data, dict):
@@ -377,11 +368,11 @@ def read_golds(path: str | os.PathLike[str], task: Task | str | None = None,
                 and not (task.id.startswith("LaMP_2") and declared.startswith("LaMP_2")):
             raise DataError(f"{path}: golds of task {declared!r}, not {task.id}; pass the matching --task or file")
         data = data["golds"]
-    records = _expect_list(data, path, 'golds ({"id", "output"})')
-    sink = _Sink(path)
+    records = expect_list(data, path, 'golds ({"id", "output"})')
+    sink = ProblemSink(path)
     golds: dict[str, str] = {}
     for index, record in enumerate(records):
-        gid = _id_of(record.get("id")) if isinstance(record, dict) else None
+        gid = id_of(record.get("id")) if isinstance(record, dict) else None
         if gid is None:
             sink.add(f"record {index}", "gold without a usable string id", 'write golds as {"id": "...", "output": "..."}')
             continue
@@ -407,8 +398,8 @@ def _read_profiles(path: Path, users: Sequence[User], positions: Sequence[int],
                    ) -> tuple[dict[str, str], tuple[Problem, ...], bytes]:
     """PAG profiles by user id: entries may name their `user_id`, else they follow the users file's order."""
     data, raw = read_json(path)
-    records = _expect_list(data, path, 'profiles ({"output": text})')
-    sink = _Sink(path)
+    records = expect_list(data, path, 'profiles ({"output": text})')
+    sink = ProblemSink(path)
     by_position = {pos: u.id for u, pos in zip(users, positions)}
     profiles: dict[str, str] = {}
     for index, record in enumerate(records):
@@ -416,7 +407,7 @@ def _read_profiles(path: Path, users: Sequence[User], positions: Sequence[int],
         if not isinstance(text, str):
             sink.add(f"record {index}", "profile without a string output", 'write {"output": "profile text"}')
             continue
-        uid = _id_of(record.get("user_id")) or by_position.get(index)
+        uid = id_of(record.get("user_id")) or by_position.get(index)
         if uid is not None and text.strip():
             profiles[uid] = text
     if len(records) != len({*by_position}) and not any(isinstance(r, dict) and "user_id" in r for r in records):
@@ -430,7 +421,7 @@ def _read_profiles(path: Path, users: Sequence[User], positions: Sequence[int],
 
 def task_dir(data_dir: str | os.PathLike[str], task: Task | str) -> Path:
     """The folder holding a task's files: DATA_DIR/<task id>/, or DATA_DIR itself when it is that folder."""
-    task = task if isinstance(task, Task) else get_task(task)
+    task = as_task(task)
     root = Path(data_dir)
     if (root / task.id).is_dir():
         return root / task.id
@@ -442,7 +433,7 @@ def task_dir(data_dir: str | os.PathLike[str], task: Task | str) -> Path:
 
 def load_task_data(data_dir: str | os.PathLike[str], task: Task | str) -> TaskData:
     """Read a task folder in the OPPU per-user layout. Dirty records are reported in `problems` and skipped."""
-    task = task if isinstance(task, Task) else get_task(task)
+    task = as_task(task)
     folder = task_dir(data_dir, task)
     digest = hashlib.sha256()
     problems: list[Problem] = []
@@ -478,7 +469,7 @@ def _with_profile(user: User, profile: str | None) -> User:
 
 def _attach_golds(users: Sequence[User], golds: Mapping[str, str], file: Path,
                   problems: list[Problem]) -> tuple[User, ...]:
-    sink = _Sink(file)
+    sink = ProblemSink(file)
     asked = {q.id for u in users for q in u.queries}
     for gid in sorted(set(golds) - asked):
         sink.add(f"gold {gid}", "gold for a query no test user asks; ignored", "remove it or add the query")
@@ -514,7 +505,7 @@ def write_oppu(task: Task | str, train_users: Sequence[User], test_users: Sequen
 
     Test users' golds go to the label file, never inline; profile files are written when any user has one.
     """
-    task = task if isinstance(task, Task) else get_task(task)
+    task = as_task(task)
     folder = Path(out_dir) / task.id
     # The files belong together (users, golds, profiles): they are written into a sibling folder and swapped in
     # as a whole, so a failure half-way (a full disk) leaves the previous task folder whole, never a mix of both.
@@ -528,216 +519,3 @@ def write_oppu(task: Task | str, train_users: Sequence[User], test_users: Sequen
                 write_json_atomic(staging / name,
                                   [{"user_id": u.id, "output": u.profile_text or ""} for u in users])
     return folder
-
-
-# -- the official LaMP files ---------------------------------------------------------------------------------
-
-
-def read_lamp(task: Task | str, questions: str | os.PathLike[str], outputs: str | os.PathLike[str] | None = None,
-              ) -> tuple[tuple[LampQuestion, ...], tuple[Problem, ...]]:
-    """Records of a LaMP `*_questions.json` (+ optional `*_outputs.json`, either gold shape)."""
-    task = task if isinstance(task, Task) else get_task(task)
-    path = Path(questions)
-    data, _ = read_json(path)
-    records = _expect_list(data, path, "questions ({id, input, profile})")
-    sink = _Sink(path)
-    golds: dict[str, str] = {}
-    gold_problems: tuple[Problem, ...] = ()
-    if outputs is not None:
-        golds, gold_problems, _ = read_golds(outputs, task)
-    out: list[LampQuestion] = []
-    seen: set[str] = set()
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            sink.add(f"record {index}", f"question is a {type(record).__name__}", "make each question an object")
-            continue
-        qid = _id_of(record.get("id"))
-        if qid is None or qid in seen:
-            sink.add(f"record {index}", f"question id {record.get('id')!r} is missing, not a string or repeated",
-                     'give each question a unique string "id"')
-            continue
-        where = f"question {qid}"
-        if not isinstance(record.get("input"), str) or not record["input"].strip():
-            sink.add(where, "input is missing, empty or not text", "give the question a string input")
-            continue
-        if task.markers and not any(m in record["input"] for m in task.markers) or \
-                (task.id == "LaMP_1" and task.parse(record["input"]) is None):
-            # Kept (the whole input becomes the query text) but reported: real LaMP has such records.
-            sink.add(where, f"input does not have the {task.id} wording; the whole input is used as query text",
-                     "check the record; nothing to do if it is a known dirty LaMP record")
-        seen.add(qid)
-        history = _parse_history(record.get("profile", []), task, sink, where)
-        if outputs is not None and qid not in golds:
-            sink.add(where, "no gold in the outputs file; kept without gold", "add its gold or drop the question")
-        out.append(LampQuestion(qid, record["input"], history, golds.get(qid)))
-    return tuple(out), (*sink.problems, *gold_problems)
-
-
-def group_questions(questions: Sequence[LampQuestion]) -> list[list[LampQuestion]]:
-    """Group LaMP questions by user: two questions belong to one user when their profiles share an item id.
-
-    LaMP gives no user ids; each question carries its author's profile. A profile item id names one document of
-    one author, so shared ids mean the same author (in the time-based split a later question's profile grows
-    the earlier one's). Connected components of that relation are the users; a question with an empty
-    profile is a user of its own.
-    """
-    parent = list(range(len(questions)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owner: dict[str, int] = {}
-    for index, question in enumerate(questions):
-        for item in question.profile:
-            if item.id in owner:
-                a, b = find(owner[item.id]), find(index)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-            else:
-                owner[item.id] = index
-    groups: dict[int, list[LampQuestion]] = {}
-    for index, question in enumerate(questions):
-        groups.setdefault(find(index), []).append(question)
-    return [groups[root] for root in sorted(groups)]
-
-
-def _user_of(group: Sequence[LampQuestion]) -> User:
-    history: dict[str, Item] = {}
-    for question in group:
-        for item in question.profile:
-            history.setdefault(item.id, item)
-    queries = tuple(Query(q.id, q.input, q.gold) for q in group)
-    # LaMP has no user ids: a user is named after its first question's id, which is unique and stable.
-    return User(group[0].id, tuple(history.values()), queries)
-
-
-def convert_lamp(task: Task | str, questions: str | os.PathLike[str], outputs: str | os.PathLike[str] | None,
-                 out_dir: str | os.PathLike[str], test_users: int = 100) -> TaskData:
-    """Official LaMP files -> OPPU layout in `out_dir/<task id>/`: the `test_users` users with the largest
-    history are test users, the others `user_others`. Every query keeps its id. Returns the written data."""
-    task = task if isinstance(task, Task) else get_task(task)
-    if test_users < 1:
-        raise DataError(f"test_users must be >= 1 (got {test_users}); pass e.g. --test-users 100")
-    records, problems = read_lamp(task, questions, outputs)
-    if not records:
-        raise DataError(f"{questions}: no usable {task.id} question; check the file and --task")
-    users = [_user_of(group) for group in group_questions(records)]
-    ranked = sorted(users, key=lambda u: (-len(u.history), u.id))
-    folder = write_oppu(task, ranked[test_users:], ranked[:test_users], out_dir)
-    loaded = load_task_data(out_dir, task)
-    return TaskData(loaded.task, loaded.train_users, loaded.test_users, (*problems, *loaded.problems),
-                    str(folder), loaded.fingerprint)
-
-
-# -- validation ----------------------------------------------------------------------------------------------
-
-
-def guess_task(fields: Iterable[str]) -> Task | None:
-    """The task whose item fields best match `fields` (most required fields present), or None."""
-    keys = set(fields)
-    candidates = [t for t in TASKS.values() if set(t.profile_fields) <= keys]
-    return max(candidates, key=lambda t: len(t.profile_fields), default=None)
-
-
-def _task_for(path: Path, task: Task | str | None) -> Task:
-    if task is not None:
-        return task if isinstance(task, Task) else get_task(task)
-    for part in (path.name, path.parent.name):
-        if part in TASKS:
-            return TASKS[part]
-    sample = _first_item(path)
-    guessed = guess_task(sample) if sample is not None else None
-    if guessed is None:
-        raise DataError(f"{path}: cannot tell which task this is; pass --task (one of {', '.join(TASKS)})")
-    return guessed
-
-
-def _first_item(path: Path) -> dict[str, Any] | None:
-    target = path / TEST_FILE if path.is_dir() else path
-    try:
-        data, _ = read_json(target)
-    except DataError:
-        return None
-    for record in data if isinstance(data, list) else []:
-        profile = record.get("profile") if isinstance(record, dict) else None
-        for item in profile if isinstance(profile, list) else []:
-            if isinstance(item, dict):
-                return item
-    return None
-
-
-def validate_path(path: str | os.PathLike[str], task: Task | str | None = None) -> list[Problem]:
-    """Every problem of a task folder, a data folder of task folders, or one JSON file; [] when clean."""
-    path = Path(path)
-    try:
-        if path.is_dir() and not (path / TEST_FILE).is_file():
-            folders = [p for p in sorted(path.iterdir()) if p.is_dir() and (p / TEST_FILE).is_file()]
-            if not folders:
-                raise DataError(f"{path}: no task folder ({TEST_FILE}) here; pass a task folder or a JSON file")
-            return [p for folder in folders for p in validate_path(folder, task)]
-        resolved = _task_for(path, task)
-        if path.is_dir():
-            return list(load_task_data(path, resolved).problems)
-        return _validate_file(path, resolved)
-    except DataError as exc:
-        return [Problem(str(path), "-", str(exc), "see the message")]
-
-
-def _validate_file(path: Path, task: Task) -> list[Problem]:
-    data, _ = read_json(path)
-    sample = data[0] if isinstance(data, list) and data else None
-    if isinstance(data, dict) or (isinstance(sample, dict) and "output" in sample and "input" not in sample):
-        return list(read_golds(path, task)[1])
-    if isinstance(sample, dict) and "user_id" in sample:
-        return list(read_users(path, task)[2])
-    return list(read_lamp(task, path)[1])
-
-
-# -- downloading the official files --------------------------------------------------------------------------
-
-LAMP_BASE_URL = "https://ciir.cs.umass.edu/downloads/LaMP/"
-# Where each task lives in the official download tree: movie tagging is the re-released LaMP_2 under `new/`,
-# news categorisation the original LaMP_2.
-_LAMP_FOLDERS = {"LaMP_1": "LaMP_1/", "LaMP_2N": "LaMP_2/", "LaMP_2M": "LaMP_2/new/", "LaMP_3": "LaMP_3/",
-                 "LaMP_4": "LaMP_4/", "LaMP_5": "LaMP_5/", "LaMP_7": "LaMP_7/"}
-LAMP_SPLITS = ("train", "dev")
-
-
-def lamp_urls(task: Task | str, base_url: str = LAMP_BASE_URL) -> dict[str, str]:
-    """File name -> official URL of a task's labelled splits (`train_questions.json`, `dev_outputs.json`, ...)."""
-    task = task if isinstance(task, Task) else get_task(task)
-    base = base_url if base_url.endswith("/") else base_url + "/"
-    return {f"{split}_{kind}.json": f"{base}{_LAMP_FOLDERS[task.id]}{split}/{split}_{kind}.json"
-            for split in LAMP_SPLITS for kind in ("questions", "outputs")}
-
-
-def download_lamp(task: Task | str, out_dir: str | os.PathLike[str], base_url: str = LAMP_BASE_URL,
-                  timeout: float = 60.0) -> list[Path]:
-    """Download a task's official train/dev files into `out_dir/<task id>/`; DataError when unreachable."""
-    import urllib.error
-    import urllib.request
-
-    task = task if isinstance(task, Task) else get_task(task)
-    folder = Path(out_dir) / task.id
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, url in lamp_urls(task, base_url).items():
-        target = folder / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                shutil.copyfileobj(response, out, length=1 << 20)
-            os.replace(tmp, target)
-        except urllib.error.HTTPError as exc:
-            raise DataError(f"{url}: HTTP {exc.code} {exc.reason}; check --base-url and the task id") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise DataError(f"{url}: cannot download ({reason}); check the internet connection, or download the "
-                            f"files by hand into {folder}") from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        written.append(target)
-    return written

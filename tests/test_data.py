@@ -1,4 +1,4 @@
-"""Readers, writers, converter and validator of oppu.data on fixtures, dirty records and the generated demo."""
+"""Records, readers and writers of oppu.data (the OPPU per-user layout) on fixtures, dirty records and the demo."""
 
 from __future__ import annotations
 
@@ -11,18 +11,11 @@ import pytest
 from oppu.data import (
     DataError,
     Item,
-    LampQuestion,
     Query,
-    TaskData,
     UnknownUserError,
     User,
-    convert_lamp,
-    group_questions,
-    lamp_urls,
     load_task_data,
     read_golds,
-    read_lamp,
-    validate_path,
     write_oppu,
 )
 
@@ -171,82 +164,11 @@ def test_profile_files_by_position_and_length_mismatch_reported(tmp_path):
     assert any("1 profiles for 2 users" in p.message for p in data.problems)
 
 
-# -- official LaMP files ----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("outputs", [OUTPUTS, OUTPUTS_BARE])
-def test_read_lamp_accepts_both_gold_shapes_and_reports_dirty_records(outputs):
-    questions, problems = read_lamp("LaMP_2M", QUESTIONS, outputs)
-    assert [q.id for q in questions] == ["600", "601", "110", "700", "701"]
-    assert {q.id: q.gold for q in questions}["700"] == "romance"
-    assert [i.id for i in questions[4].profile] == ["8003"]
-    text = "\n".join(str(p) for p in problems)
-    assert "question 110: input does not have the LaMP_2M wording" in text
-    assert "missing field(s) tag" in text and "'horror' is not a LaMP_2M label" in text
-    assert "record 5" in text
-
+# -- gold files ------------------------------------------------------------------------------------------------
 
 def test_read_golds_rejects_golds_of_another_task():
     with pytest.raises(DataError, match="not LaMP_3"):
         read_golds(OUTPUTS, "LaMP_3")
-
-
-def test_group_questions_joins_questions_sharing_profile_items():
-    a = LampQuestion("1", "x", (Item("i1", {}), Item("i2", {})))
-    b = LampQuestion("2", "x", (Item("i2", {}), Item("i3", {})))
-    c = LampQuestion("3", "x", (Item("i9", {}),))
-    d = LampQuestion("4", "x", ())
-    e = LampQuestion("5", "x", (Item("i3", {}), Item("i9", {})))  # bridges {1, 2} and {3}
-    assert [[q.id for q in g] for g in group_questions([a, b, c, d])] == [["1", "2"], ["3"], ["4"]]
-    assert [[q.id for q in g] for g in group_questions([a, b, c, d, e])] == [["1", "2", "3", "5"], ["4"]]
-
-
-def test_convert_lamp_fixture(tmp_path):
-    data = convert_lamp("LaMP_2M", QUESTIONS, OUTPUTS, tmp_path, test_users=2)
-    assert isinstance(data, TaskData) and data.source == str(tmp_path / "LaMP_2M")
-    user = data.user("600")  # named after its first question
-    assert [q.id for q in user.queries] == ["600", "601"] and [q.gold for q in user.queries] == ["sci-fi", "action"]
-    assert [i.id for i in user.history] == ["6000", "6001", "6002"]
-    assert [u.id for u in data.test_users] == ["600", "110"]  # largest histories: 3 and 1 (tie 110 < 701 by id)
-    assert {u.id for u in data.train_users} == {"700", "701"}
-    assert data.user("700").history == ()
-    assert any("question 110" in p.record for p in data.problems)
-
-
-def test_convert_lamp_on_generated_lamp_files_recovers_the_users(tmp_path):
-    from data.generate import build_task, write_lamp
-
-    questions, outputs = write_lamp("LaMP_2M", tmp_path / "lamp")
-    data = convert_lamp("LaMP_2M", questions, outputs, tmp_path / "out", test_users=24)
-    assert data.problems == ()
-    train, test = build_task("LaMP_2M")
-    expected = {tuple(q.id for q in u.queries): (tuple(i.id for i in u.history), tuple(q.gold for q in u.queries))
-                for u in (*train, *test)}
-    got = {tuple(q.id for q in u.queries): (tuple(i.id for i in u.history), tuple(q.gold for q in u.queries))
-           for u in (*data.train_users, *data.test_users)}
-    assert got == expected
-    sizes = [len(u.history) for u in data.test_users]
-    assert sizes == sorted(sizes, reverse=True) and min(sizes) >= max(len(u.history) for u in data.train_users)
-
-
-def test_convert_without_outputs_keeps_queries_unlabelled(tmp_path):
-    data = convert_lamp("LaMP_2M", QUESTIONS, None, tmp_path, test_users=10)
-    assert all(q.gold is None for u in data.test_users for q in u.queries)
-
-
-def test_validate_path_on_folder_file_and_clean_data(tmp_path):
-    assert validate_path(DEMO / "LaMP_2M") == []
-    problems = validate_path(QUESTIONS)  # task guessed from the item fields
-    assert any("question 110" in p.record for p in problems)
-    assert validate_path(tmp_path / "nothing")[0].record == "-"
-    broken = _write(tmp_path / "x.json", "[1, 2")
-    broken.write_text("[1, 2")
-    assert "truncated" in validate_path(broken, "LaMP_3")[0].message
-
-
-def test_lamp_urls_follow_the_official_layout():
-    urls = lamp_urls("LaMP_2M")
-    assert urls["dev_questions.json"] == "https://ciir.cs.umass.edu/downloads/LaMP/LaMP_2/new/dev/dev_questions.json"
-    assert lamp_urls("LaMP_2N", "http://m/")["train_outputs.json"] == "http://m/LaMP_2/train/train_outputs.json"
 
 
 # -- the embedded demo ------------------------------------------------------------------------------------------

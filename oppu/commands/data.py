@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from oppu.data import convert_lamp
+    from oppu.lamp_import import convert_lamp
 
     data = convert_lamp(args.task, args.questions, args.outputs, args.out, test_users=args.test_users)
     queries = sum(len(u.queries) for u in (*data.train_users, *data.test_users))
@@ -43,7 +43,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from oppu.data import validate_path
+    from oppu.lamp_import import validate_path
 
     problems = validate_path(args.path, args.task)
     for problem in problems:
@@ -54,7 +54,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from oppu.data import LAMP_BASE_URL, download_lamp
+    from oppu.lamp_import import LAMP_BASE_URL, download_lamp
 
     for path in download_lamp(args.task, args.out, args.base_url or LAMP_BASE_URL):
         print(path)

@@ -10,7 +10,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oppu.data import DataError, TaskData, load_task_data, read_golds, read_lamp, validate_path
+from oppu.data import DataError, TaskData, load_task_data, read_golds
+from oppu.lamp_import import read_lamp, validate_path
 from oppu.metrics import match_by_id, score
 from oppu.paths import safe_component, within
 from oppu.tasks import TASKS, get_task
