@@ -11,17 +11,13 @@ from collections.abc import Iterable, Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-# The paper's methods in the order the dashboard lists them: personal adapters first, then the baselines.
-METHOD_ORDER: tuple[str, ...] = ("oppu", "rag", "oppu+rag", "pag", "oppu+pag", "oppu+rag+pag", "none")
-METHOD_LABELS: dict[str, str] = {
-    "none": "Non-personalized",
-    "rag": "RAG (retrieval only)",
-    "pag": "PAG (profile only)",
-    "oppu": "OPPU",
-    "oppu+rag": "OPPU + RAG",
-    "oppu+pag": "OPPU + PAG",
-    "oppu+rag+pag": "OPPU + RAG + PAG",
-}
+from oppu.config import METHODS
+
+# The paper's rows in the order the dashboard lists them: personal adapters first, then the baselines; the
+# profile-only variants last. Legends show each method's paper label (`oppu.config.METHODS`).
+METHOD_ORDER: tuple[str, ...] = ("oppu", "oppu+rag", "oppu+pag", "rag", "pag", "none", "oppu+profile-only",
+                                 "profile-only")
+METHOD_LABELS: dict[str, str] = {name: method.label for name, method in METHODS.items()}
 # One fixed colour per method so a method looks the same on every page.
 METHOD_COLORS: dict[str, str] = {
     "none": "#868E96",
@@ -29,8 +25,9 @@ METHOD_COLORS: dict[str, str] = {
     "pag": "#E8590C",
     "oppu": "#4C6EF5",
     "oppu+rag": "#7048E8",
-    "oppu+pag": "#1098AD",
-    "oppu+rag+pag": "#2B8A3E",
+    "oppu+pag": "#2B8A3E",
+    "profile-only": "#C2255C",
+    "oppu+profile-only": "#1098AD",
 }
 HIGHLIGHT_COLOR = "#E03131"
 _NEUTRAL = "#ADB5BD"

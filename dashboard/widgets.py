@@ -189,7 +189,7 @@ def demo_config(task: str):
     """The Overview page's quick demo: the project's `quick` preset (the same as `oppu run --preset quick`: two
     most active users, the paper's four core methods, short bounded training) on this dashboard's folders."""
     from oppu.config import RunConfig
-    from oppu.experiment import load_preset, merge_config
+    from oppu.config import load_preset, merge_config
 
     where = paths()
     here = {"task": task, "data_dir": str(where.data), "db": str(where.db), "artifacts_dir": str(where.artifacts),

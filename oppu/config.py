@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
@@ -83,11 +85,18 @@ class TrainConfig:
     """Bound on the number of training examples; None trains on all of them. Per-user training keeps the user's
     most recent items (their next queries follow recent behaviour); task adaptation takes a seeded sample."""
     seed: int = 0
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    """AdamW weight decay (the official code: 0.01)."""
+    warmup_ratio: float = 0.1
+    """Share of the steps with a linear warmup, then linear decay to zero (the official code: 0.1)."""
+    max_grad_norm: float = 0.3
+    """Gradient clipping: each update's gradient norm is scaled down to at most this (the official code: 0.3).
+    The multi-user loop clips every user's gradient on its own, as one user's loop would."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
+        _require(self.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {self.max_grad_norm})")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         _require(0 < self.lr < 1, f"learning rate must be in (0, 1) (got {self.lr})")
         _require(self.batch_size >= 1, f"batch size must be >= 1 (got {self.batch_size})")
         _require(self.max_length >= 16, f"max_length must be >= 16 tokens (got {self.max_length})")
@@ -129,21 +138,47 @@ class GenerationConfig:
         _require(self.batch_size >= 1, "batch_size must be >= 1")
 
 
-# Methods of the paper, each a combination of the three personalization levers.
-METHODS: dict[str, tuple[bool, bool, bool]] = {
-    # name: (personal adapter, retrieval, profile)
-    "none": (False, False, False),
-    "rag": (False, True, False),
-    "pag": (False, False, True),
-    "oppu": (True, False, False),
-    "oppu+rag": (True, True, False),
-    "oppu+pag": (True, False, True),
-    "oppu+rag+pag": (True, True, True),
+@dataclass(frozen=True)
+class Method:
+    """One row of the paper's table: which personalization levers a method pulls."""
+
+    adapter: bool
+    """Answers through the user's own PEFT module (OPPU)."""
+    retrieval: bool
+    """Puts the user's k retrieved history items in the prompt."""
+    profile: bool
+    """Puts the user's textual profile in the prompt."""
+    label: str
+    """The name tables and plot legends show."""
+
+
+# The paper's rows (Tan et al., Table 1), named as the CLI and the store spell them. PAG in the official code is
+# the profile PLUS the k retrieved items (`OPPU.py --k 1 --add_profile`), so `pag` and `oppu+pag` retrieve too;
+# the profile-only variants are kept under names that say so.
+METHODS: dict[str, Method] = {
+    "none": Method(False, False, False, "Non-personalized"),
+    "rag": Method(False, True, False, "RAG"),
+    "pag": Method(False, True, True, "PAG"),
+    "oppu": Method(True, False, False, "OPPU"),
+    "oppu+rag": Method(True, True, False, "OPPU+RAG"),
+    "oppu+pag": Method(True, True, True, "OPPU+PAG"),
+    "profile-only": Method(False, False, True, "Profile only"),
+    "oppu+profile-only": Method(True, False, True, "OPPU+profile only"),
 }
+PAPER_METHODS = ("none", "rag", "pag", "oppu", "oppu+rag", "oppu+pag")
+"""The six rows of the paper's main table, in its order."""
+_RENAMED_METHODS = {"oppu+rag+pag": "oppu+pag (the paper's OPPU+PAG: profile and retrieved items)"}
+
+
+def method_label(name: str) -> str:
+    """The display name of a method (its paper row), or the name itself for anything unknown."""
+    method = METHODS.get(name)
+    return method.label if method else name
 
 
 def _default_adaptation_peft() -> PeftConfig:
-    return PeftConfig(target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    # task_LoRA.py targets q, v, k and `out_proj`; Llama has no `out_proj`, so the task LoRA trains q, k, v.
+    return PeftConfig(target_modules=("q_proj", "k_proj", "v_proj"))
 
 
 @dataclass(frozen=True)
@@ -165,11 +200,14 @@ class RunConfig:
     adaptation_peft: PeftConfig = field(default_factory=_default_adaptation_peft)
     adaptation_train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=1, lr=1e-3, batch_size=8, max_length=256, max_examples=128))
-    """CPU-sized (docs/RESULTS.md): 16 steps teach the label format; cached per task and reused by every run."""
+    """CPU-sized (docs/PROTOCOL.md lists every size that differs from the official run): up to 128 of the other
+    users' gold-labelled queries, 16 steps of 8 per prompt style, enough to teach the answer format; at this step
+    budget the official lr 1e-4 barely moves a LoRA, hence 1e-3. Cached per task, style and settings."""
     user_peft: PeftConfig = field(default_factory=PeftConfig)
     user_train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=3, lr=1e-3, batch_size=4, max_length=256, max_examples=16))
-    """CPU-sized: a user's 16 most recent items, 3 epochs = 12 steps of 4 (small batches: more updates per token)."""
+    """CPU-sized: a user's 16 most recent items, 3 epochs = 12 steps of 4 (small batches: more updates per token;
+    lr 1e-3 for the same reason as task adaptation). Weight decay, warmup and clipping are the official values."""
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     history_format: Literal["full", "text_only"] = "full"
@@ -188,9 +226,10 @@ class RunConfig:
 
         _require(self.task in TASKS, f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")
         methods = tuple(m.strip().lower() for m in self.methods)
-        _require(len(methods) > 0, "no methods given: use e.g. --methods none,rag,oppu")
+        _require(len(methods) > 0, f"no methods given: choose at least one of {', '.join(METHODS)}")
         for m in methods:
-            _require(m in METHODS, f"unknown method {m!r}: use one of {', '.join(METHODS)}")
+            hint = f" (now called {_RENAMED_METHODS[m]})" if m in _RENAMED_METHODS else ""
+            _require(m in METHODS, f"unknown method {m!r}{hint}: use one of {', '.join(METHODS)}")
         object.__setattr__(self, "methods", methods)
         if self.user_ids is not None:
             ids = tuple(str(u) for u in self.user_ids)
@@ -203,7 +242,7 @@ class RunConfig:
 
     # -- derived -------------------------------------------------------------------------------------------
     def needs_adapter(self) -> bool:
-        return any(METHODS[m][0] for m in self.methods)
+        return any(METHODS[m].adapter for m in self.methods)
 
     # -- (de)serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -239,3 +278,84 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+# -- building a config: defaults <- preset <- overrides --------------------------------------------------------
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+"""Named partial configs (`paper`, `quick`, ...), one JSON file each; keys starting with `_` are comments."""
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset's partial config; ConfigError names the known presets."""
+    if name not in list_presets():
+        raise ConfigError(f"unknown preset {name!r}: use one of {', '.join(list_presets())}")
+    data = json.loads((PRESETS_DIR / f"{name}.json").read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def preset_about(name: str) -> str:
+    """The preset's one-paragraph description (its `_about` key)."""
+    load_preset(name)  # validates the name
+    return str(json.loads((PRESETS_DIR / f"{name}.json").read_text()).get("_about", ""))
+
+
+def merge_config(base: Mapping[str, Any], *layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge partial config dicts over a full one (later layers win; nested sections merge key by key)."""
+    out = dict(base)
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = merge_config(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def nest_dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"user_train.epochs": 3, "task": "LaMP_3"}` -> `{"user_train": {"epochs": 3}, "task": "LaMP_3"}`."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *parents, leaf = str(key).split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            _require(isinstance(node, dict), f"setting {key!r} conflicts with another override of {part!r}")
+        if isinstance(value, Mapping):
+            node[leaf] = merge_config(node.get(leaf, {}), nest_dotted(value))
+        else:
+            node[leaf] = value
+    return out
+
+
+def _check_keys(layer: Mapping[str, Any], where: str, template: Mapping[str, Any]) -> None:
+    for key, value in layer.items():
+        if key not in template:
+            raise ConfigError(f"unknown setting {where}{key!r}: known settings here are {', '.join(sorted(template))}")
+        if isinstance(value, Mapping) and isinstance(template[key], Mapping):
+            _check_keys(value, f"{where}{key}.", template[key])
+
+
+def build_config(preset: str | None = None, overrides: Mapping[str, Any] | None = None,
+                 base: RunConfig | None = None) -> RunConfig:
+    """The one way to build a run's config, used by the CLI, the dashboard form, jobs and `oppu report`.
+
+    Layers, later winning: `base` (default `RunConfig()`) <- the named preset <- `overrides` (dotted keys such as
+    `"user_train.epochs"` or nested dicts; callers leave out what the user did not set). Every layer is checked
+    against the dataclasses, and the result is validated by their `__post_init__`, so a typo or an out-of-range
+    value fails here with a message naming it.
+    """
+    template = (base or RunConfig()).to_dict()
+    layers = []
+    if preset:
+        layer = load_preset(preset)
+        _check_keys(layer, f"in preset {preset!r}: ", template)
+        layers.append(layer)
+    if overrides:
+        layer = nest_dotted(overrides)
+        _check_keys(layer, "", template)
+        layers.append(layer)
+    return RunConfig.from_dict(merge_config(template, *layers))

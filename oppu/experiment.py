@@ -5,8 +5,9 @@ over chunks of users (train, generate, write) -> finish (run-level metrics from 
 
 Adapters per user: one per distinct prompt STYLE the run's methods need, because an adapter should be trained
 on prompts shaped like the ones it answers (the paper trains the OPPU+RAG adapter on retrieval-augmented
-prompts). `oppu` -> plain, `oppu+rag` -> rag, `oppu+pag` -> pag, `oppu+rag+pag` -> rag+pag; with k=0 the
-rag styles collapse into their non-rag twins. Methods without an adapter (none, rag, pag) use the task-adapted
+prompts). `oppu` -> plain, `oppu+rag` -> rag, `oppu+pag` -> rag+pag (the paper's PAG is the profile plus the
+k retrieved items), `oppu+profile-only` -> pag; with k=0 the rag styles collapse into their non-rag twins.
+Methods without an adapter (none, rag, pag, profile-only) use the task-adapted
 base. Adapters are saved under `artifacts/adapters/<task>/<run id>/<user>/<style>/`.
 
 Resumable: a user whose predictions and metrics are stored for every method (`Store.done_users`) and whose
@@ -48,47 +49,17 @@ MODEL_CACHE = os.environ.get("OPPU_MODEL_CACHE", ".cache/models")
 """Where `oppu prepare` put the embedded model's safetensors cache (relative to the working folder)."""
 
 
-# -- presets -------------------------------------------------------------------------------------------------
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    """A preset's partial config (keys starting with `_` are comments); ValueError names the known presets."""
-    import json
-
-    path = PRESETS_DIR / f"{name}.json"
-    if name not in list_presets():
-        raise ConfigError(f"unknown preset {name!r}: use one of {', '.join(list_presets())}")
-    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-
-
-def merge_config(base: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge partial config dicts over a full one (later layers win; nested sections merge key by key)."""
-    out = dict(base)
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = merge_config(out[key], value)
-            else:
-                out[key] = value
-    return out
-
-
 # -- resolve -------------------------------------------------------------------------------------------------
 def method_style(cfg: RunConfig, method: str) -> PromptStyle:
     """The prompt style of a method under this run's retrieval settings and history format."""
-    _, retrieval, profile = METHODS[method]
-    return PromptStyle(retrieval=retrieval and cfg.retrieval.k > 0, profile=profile,
-                       k=cfg.retrieval.k if retrieval else 0, text_only=cfg.history_format == "text_only")
+    m = METHODS[method]
+    return PromptStyle(retrieval=m.retrieval and cfg.retrieval.k > 0, profile=m.profile,
+                       k=cfg.retrieval.k if m.retrieval else 0, text_only=cfg.history_format == "text_only")
 
 
 def adapter_styles(cfg: RunConfig) -> list[PromptStyle]:
     """Distinct prompt styles of the methods that use a personal adapter (one adapter each per user)."""
-    styles = [method_style(cfg, m) for m in cfg.methods if METHODS[m][0]]
+    styles = [method_style(cfg, m) for m in cfg.methods if METHODS[m].adapter]
     return list(dict.fromkeys(styles))
 
 
@@ -266,7 +237,7 @@ def _run_chunk(ctx: _Context, users: Sequence) -> None:
     cfg, task = ctx.cfg, ctx.task
     histories = {u.id: visible_history(u, cfg.history_cutoff) for u in users}
     profiles: dict[str, str] = {}
-    if any(METHODS[m][2] for m in cfg.methods):
+    if any(METHODS[m].profile for m in cfg.methods):
         profiles = build_profiles(users, task, ctx.bank.base, ctx.tokenizer, Path(cfg.artifacts_dir),
                                   model_name=model_key(cfg.model), histories=histories, gen_cfg=cfg.generation)
     for style in ctx.styles:
@@ -305,7 +276,7 @@ def _train_adapters(ctx: _Context, users: Sequence, style: PromptStyle, historie
         result = results[str(user.id)]
         ctx.store.add_train_curve(ctx.run_id, user.id, f"oppu:{style.key}", result.curve)
         manifest = {"user_id": user.id, "run_id": ctx.run_id, "task": cfg.task, "style": style.key,
-                    "methods": [m for m in cfg.methods if METHODS[m][0] and method_style(cfg, m) == style],
+                    "methods": [m for m in cfg.methods if METHODS[m].adapter and method_style(cfg, m) == style],
                     "config": portable_config(cfg), "data_fingerprint": ctx.fingerprint,
                     "data_hash": result.data_hash, "item_ids": result.item_ids, "item_count": len(result.item_ids),
                     "examples": result.examples, "final_loss": result.final_loss, "train_curve": result.curve,
@@ -323,7 +294,7 @@ def _query_row(ctx: _Context, user, method: str, query, history: Sequence, profi
     # The query's gold is not passed: build_prompt only sees the input, the history and the profile.
     prompt, retrieved = build_prompt(ctx.task, query.input, style, history if style.retrieval else (),
                                      ctx.retriever, profile, before=query.date)
-    uses_adapter = METHODS[method][0]
+    uses_adapter = METHODS[method].adapter
     adapter = _adapter_key(user.id, style) if uses_adapter else None
     row = {"run_id": ctx.run_id, "task": cfg.task, "user_id": user.id, "query_id": query.id, "method": method,
            "k": style.k, "peft": cfg.user_peft.kind if uses_adapter else "",

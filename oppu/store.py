@@ -441,8 +441,8 @@ class Store:
         Columns: method, personal (adapter or not), k, score, n, runs."""
         from oppu.config import METHODS
 
-        retrieving = [m for m, (_, rag, _) in METHODS.items() if rag]
-        personal = [m for m, (adapter, _, _) in METHODS.items() if adapter]
+        retrieving = [m for m, method in METHODS.items() if method.retrieval]
+        personal = [m for m, method in METHODS.items() if method.adapter]
         return self._read(
             """SELECT method, list_contains(?, method) AS personal, k, avg(correct) AS score, count(*) AS n,
                       count(DISTINCT run_id) AS runs
@@ -454,7 +454,7 @@ class Store:
         Columns: peft, method, score, n, runs."""
         from oppu.config import METHODS
 
-        personal = [m for m, (adapter, _, _) in METHODS.items() if adapter]
+        personal = [m for m, method in METHODS.items() if method.adapter]
         return self._read(
             """SELECT peft, method, avg(correct) AS score, count(*) AS n, count(DISTINCT run_id) AS runs
                FROM predictions WHERE task = ? AND list_contains(?, method) AND correct IS NOT NULL

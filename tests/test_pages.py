@@ -271,7 +271,7 @@ def test_quick_demo_button_submits_a_small_job(env, monkeypatch):
     at = page("overview")
     next(b for b in at.button if b.label == "Run the quick demo experiment").click().run()
     (cfg,) = submitted
-    from oppu.experiment import load_preset
+    from oppu.config import load_preset
 
     quick = load_preset("quick")
     assert cfg.users == quick["users"] and cfg.methods == tuple(quick["methods"]) and cfg.tag == "quick-demo"

@@ -27,13 +27,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that build a RunConfig; every default is None so only flags actually given override the preset."""
     add = parser.add_argument
     add("--task", help="LaMP task id (LaMP_1, LaMP_2N, LaMP_2M, LaMP_3, LaMP_4, LaMP_5, LaMP_7)")
-    add("--methods", help="comma list of: none, rag, pag, oppu, oppu+rag, oppu+pag, oppu+rag+pag")
+    add("--methods", help="comma list of the paper's rows: none, rag, pag, oppu, oppu+rag, oppu+pag "
+                          "(pag = profile + retrieved items, as the official code; profile-only and "
+                          "oppu+profile-only drop the retrieved items)")
     add("--users", type=int, help="number of most active test users")
     add("--user-ids", help="comma list of user ids (instead of --users)")
     add("--k", type=int, help="retrieved items for retrieval methods")
     add("--retriever", help="bm25, dense or recency")
     add("--peft", help="personal module: lora, ia3 or prompt")
-    add("--rank", type=int, help="LoRA rank of the personal adapters")
+    add("--rank", type=int, help="LoRA rank of the personal adapters (alpha follows it unless --alpha is given)")
+    add("--alpha", type=int, help="LoRA alpha of the personal adapters")
     add("--epochs", type=int, help="epochs of per-user training")
     add("--lr", type=float, help="learning rate of per-user training")
     add("--model", help="embedded:SmolLM2-135M-Instruct (default), a hub id or a local model folder")
@@ -57,20 +60,13 @@ def _csv(text: str) -> list[str]:
 
 def config_from_args(args: argparse.Namespace):
     """The RunConfig these flags describe (raises ConfigError / ValueError with a fix-it message)."""
-    from oppu.config import RunConfig
-    from oppu.experiment import load_preset, merge_config
+    from oppu.config import build_config
 
-    preset = load_preset(args.preset) if getattr(args, "preset", None) else {}
     flags: dict[str, Any] = {}
 
     def put(path: str, value: Any) -> None:
-        if value is None:
-            return
-        *parents, leaf = path.split(".")
-        node = flags
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        if value is not None:
+            flags[path] = value
 
     put("task", args.task)
     put("methods", _csv(args.methods) if args.methods else None)
@@ -82,7 +78,9 @@ def config_from_args(args: argparse.Namespace):
     put("retrieval.k", args.k)
     put("retrieval.retriever", args.retriever)
     put("user_peft.kind", args.peft)
+    # A rank alone keeps alpha = r (the paper's r = alpha = 8: LoRA scaling 1), as the Train form does.
     put("user_peft.r", args.rank)
+    put("user_peft.alpha", args.alpha if args.alpha is not None else args.rank)
     put("user_train.epochs", args.epochs)
     put("user_train.lr", args.lr)
     put("model.name", args.model)
@@ -96,7 +94,7 @@ def config_from_args(args: argparse.Namespace):
     put("task_adaptation", False if args.no_adapt else None)
     put("tag", args.tag)
     put("batching", args.batching)
-    return RunConfig.from_dict(merge_config(RunConfig().to_dict(), preset, flags))
+    return build_config(getattr(args, "preset", None), flags)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
