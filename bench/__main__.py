@@ -1,7 +1,7 @@
 """`python -m bench [NAME ...] [--no-report]`: run the benchmarks, each in its own process.
 
 A separate process per benchmark keeps each one's peak RSS its own and leaves no warm state for the next.
-Each script appends its section to docs/PERFORMANCE.md unless --no-report is given; run one alone with
+Each script appends its section to docs/bench-log/<date>.md unless --no-report is given; run one alone with
 `python -m bench.<name> --help` for its options (sizes, rounds).
 """
 

@@ -1,5 +1,5 @@
 """Shared pieces of the benchmark scripts: machine facts, the fp32 matmul peak, per-phase peak memory, timing,
-the report table and its append to docs/PERFORMANCE.md, and the real default model with demo users.
+the report table and its append to docs/bench-log/<date>.md, and the real default model with demo users.
 
 Every benchmark measures its baseline and the project's path in the same process on the same inputs, and
 reports ratios against that baseline, never against a number from another day or machine.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = ROOT / "docs" / "PERFORMANCE.md"
+REPORT = ROOT / "docs" / "bench-log" / f"{time.strftime('%Y-%m-%d', time.gmtime())}.md"
 MODEL_CACHE = ROOT / ".cache" / "models"
 DEMO_DATA = ROOT / "data" / "demo"
 DEVICE_ENV = "OPPU_BENCH_DEVICE"
@@ -209,7 +209,7 @@ def _module_of(script: str) -> str:
 
 
 def append_report(title: str, table: str, notes: Sequence[str] = (), write: bool = True) -> None:
-    """Print the section and append it to docs/PERFORMANCE.md with command, date and machine facts."""
+    """Print the section and append it to docs/bench-log/<date>.md with command, date and machine facts."""
     info = machine_info()
     command = " ".join(["python", "-m", _module_of(sys.argv[0]), *sys.argv[1:]]) if sys.argv else "?"
     shared = info["load_avg"][0] > (info["cores"] or 1) * 0.75
