@@ -38,7 +38,7 @@ class ModelConfig:
     device: str = "auto"
     """`auto` picks cuda when available, else cpu."""
     dtype: str = "auto"
-    """`auto` is float32 on CPU (bf16 matmul is far slower there) and bfloat16 on CUDA."""
+    """`auto`: float32 on CPU (bf16 speed there depends on native bf16 support), bfloat16 on CUDA."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model name is empty: pass a hub id, a local folder or the default")

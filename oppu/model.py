@@ -56,7 +56,9 @@ def resolve_dtype(dtype: str, device: str):
     import torch
 
     if dtype == "auto":
-        # bf16 matmul on this class of CPU is several times slower than fp32 (measured), so auto means fp32 there.
+        # On a CPU bf16 speed depends on native support (AVX2-only AMD EPYC: far slower than fp32; Zen 5 with
+        # avx512_bf16: 2048^2 matmul 209 GFLOP/s fp32, 901 bf16; AMX Xeon: faster; `python -m bench.precision`
+        # measures it), so auto stays fp32 on every CPU and greedy answers do not depend on which CPU ran them.
         return torch.bfloat16 if device == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
