@@ -1,4 +1,4 @@
-"""End to end (issue #7): the project's OPPU run against a re-creation of the official per-user loop.
+"""End to end: the project's OPPU run against a re-creation of the official per-user loop.
 
 Workload (defaults): the 16 most active LaMP_2M demo test users, each user's history bounded to its most recent
 `--items` items (the same `oppu.examples.user_examples` selection in both paths), the run's per-user training
@@ -16,7 +16,7 @@ own budget of new tokens. Task adaptation is excluded from both paths (the plain
   generation path the project uses by default, plus its store writes and adapter manifests.
 
 Both paths see the same token ids for training (`oppu.train.encode_example`) and for queries (the chat-templated
-task prompt). Targets (issue #7): project >= 3x the official loop in wall time, and a 16-user project run under
+task prompt). Targets: project >= 3x the official loop in wall time, and a 16-user project run under
 2 GB peak RSS. Answers are checked to be valid labels and compared (they need not be identical: the two paths
 batch, shuffle and round differently).
 

@@ -8,7 +8,7 @@ non-zero weights, so users answer differently). Three paths on the same token id
 - adapter_names: the project's `oppu.generate.generate` (one PEFT model, mixed `adapter_names` batches);
 - multilora: `oppu.multilora.generate_ids` (gathered multi-LoRA, rows leave the batch when they end).
 
-Targets (issue #7): multilora >= 8x the sequential loop and >= 1.5x adapter_names, in generated tokens/s.
+Targets: multilora >= 8x the sequential loop and >= 1.5x adapter_names, in generated tokens/s.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """fp32 against bf16 on this machine: one training step and one prefill of the default model, same inputs.
 
-What `--dtype bfloat16` would buy before choosing it: on CPUs with AMX bf16 matmuls are several times faster than
-fp32, on others (REFERENCE.md measured an AMD EPYC) far slower. Three training variants: fp32; bf16 autocast over
+What `--dtype bfloat16` would buy before choosing it: it depends on the CPU's native bf16 support (AMX or
+avx512_bf16: faster than fp32; an AVX2-only AMD EPYC: far slower). Three training variants: fp32; bf16 autocast over
 fp32 weights (what the official OPPU script's `TrainingArguments(bf16=True)` does); a bf16 model. Each is the
 best of `--repeats` runs, after a warm-up. Not part of `python -m bench` (no target rides on it).
 """

@@ -5,7 +5,7 @@ Both run through `oppu.model` into a temporary cache folder (the project's own c
 - start from cache: `load_model` on that cache, in this process and in a fresh process (imports included,
   which is what a worker or the dashboard pays).
 
-Target (issue #7): start from cache <= 3 s.
+Target: start from cache <= 3 s.
 """
 
 from __future__ import annotations
