@@ -5,6 +5,14 @@ Each retriever answers `retrieve(query_text, items, k, before=None) -> [(item, s
 future. Items are matched on `text_of(item)`: by default all field values; the experiment passes the task's own
 item rendering, as the official code matched on its `retrieval_history` strings.
 
+`query_instruction` says which query a retriever is given (`Task.retrieval_query`): BM25 gets OPPU's instruction
++ text; the dense retriever gets the text alone, as LaMP's Contriever ranking does (a fixed instruction in front of
+every query only blurs an embedding); recency ignores the query.
+
+BM25 tokens: lower-cased runs of word characters by default. The official code splits on single spaces, so
+a term keeps its case and its punctuation ("Movie." and "movie" never match, "explanation." plus a newline is
+one token, a double space makes an empty token); `tokens="whitespace"` reproduces that split exactly.
+
 A registry maps names to classes, so adding a retriever is one entry and no caller branches on names.
 """
 
@@ -28,6 +36,14 @@ _TOKEN = re.compile(r"\w+")
 def tokenize(text: str) -> list[str]:
     """Lower-case word tokens (BM25's vocabulary)."""
     return _TOKEN.findall(text.lower())
+
+
+def whitespace_tokenize(text: str) -> list[str]:
+    """The official OPPU split: `text.split(" ")`, case and punctuation kept."""
+    return text.split(" ")
+
+
+TOKENIZERS: dict[str, Callable[[str], list[str]]] = {"words": tokenize, "whitespace": whitespace_tokenize}
 
 
 def default_text(item: Any) -> str:
@@ -67,6 +83,8 @@ def visible(items: Sequence[Any], before: str | None) -> list[Any]:
 
 class Retriever(Protocol):
     name: str
+    query_instruction: bool
+    """Whether queries carry the task's retrieval instruction (`Task.retrieval_query(input, instruction)`)."""
 
     def retrieve(self, query_text: str, items: Sequence[Any], k: int, before: str | None = None) -> Scored: ...
 
@@ -81,6 +99,7 @@ class _CandidateRetriever:
     """Shared shape of retrievers that rank only the visible items: filter by date, then `_rank` them."""
 
     name = ""
+    query_instruction = False
 
     def __init__(self, text_of: Callable[[Any], str] = default_text):
         self.text_of = text_of
@@ -96,15 +115,22 @@ class _CandidateRetriever:
 
 
 class BM25Retriever(_CandidateRetriever):
-    """Okapi BM25 (rank_bm25) over lower-cased word tokens of each item."""
+    """Okapi BM25 (rank_bm25) over the tokens of each item: lower-cased words, or the official space split."""
 
     name = "bm25"
+    query_instruction = True
+
+    def __init__(self, text_of: Callable[[Any], str] = default_text, tokens: str = "words"):
+        super().__init__(text_of)
+        if tokens not in TOKENIZERS:
+            raise ValueError(f"unknown BM25 tokens {tokens!r}: use one of {', '.join(TOKENIZERS)}")
+        self.tokenize = TOKENIZERS[tokens]
 
     def _rank(self, query_text: str, candidates: list[Any], k: int) -> Scored:
         from rank_bm25 import BM25Okapi
 
-        corpus = [tokenize(self.text_of(item)) or ["<empty>"] for item in candidates]
-        scores = BM25Okapi(corpus).get_scores(tokenize(query_text))
+        corpus = [self.tokenize(self.text_of(item)) or ["<empty>"] for item in candidates]
+        scores = BM25Okapi(corpus).get_scores(self.tokenize(query_text))
         return _top_k(candidates, list(scores), k)
 
 
@@ -153,6 +179,7 @@ class DenseRetriever:
     """Cosine similarity of MiniLM embeddings; a user's item embeddings are cached (LRU) across queries."""
 
     name = "dense"
+    query_instruction = False
 
     def __init__(self, text_of: Callable[[Any], str] = default_text, cache_size: int = 256):
         self.text_of = text_of
@@ -186,9 +213,10 @@ class DenseRetriever:
 RETRIEVERS: dict[str, type] = {cls.name: cls for cls in (BM25Retriever, DenseRetriever, RecencyRetriever)}
 
 
-def get_retriever(name: str, text_of: Callable[[Any], str] | None = None) -> Retriever:
-    """A retriever by name (`bm25`, `dense`, `recency`); `text_of` renders an item for matching."""
+def get_retriever(name: str, text_of: Callable[[Any], str] | None = None, **options: Any) -> Retriever:
+    """A retriever by name (`bm25`, `dense`, `recency`); `text_of` renders an item for matching; `options` go
+    to the retriever's constructor (`tokens="whitespace"` for BM25)."""
     cls = RETRIEVERS.get(name)
     if cls is None:
         raise ValueError(f"unknown retriever {name!r}: use one of {', '.join(RETRIEVERS)}")
-    return cls(text_of or default_text)
+    return cls(text_of or default_text, **options)

@@ -5,7 +5,9 @@ Facts taken from the official code (read, not copied):
   the evaluation's label lists (kept here in the same order, which macro-F1 depends on).
 - `TamSiuhin/OPPU` (`prompt/prompt.json`, `utils.py`) extracts the query text after a per-task marker, writes
   history items as `description: ... tag: ...` and turns every history item into a training example by asking the
-  task's own question about the item with the item's label as the target. For LaMP_1 it trains on
+  task's own question about the item with the item's label as the target. Its BM25 query is the task's
+  `retrieval_query` template: a short instruction, then the query's text (at training time the history item's own
+  source text; for LaMP_1 the paper title). `retrieval_template` keeps those templates word for word. For LaMP_1 it trains on
   `paper title: {title} reference:` -> `{citation}`, which needs a `citation` field that raw LaMP items lack; see
   `CitationTask.history_example` for what we do without it.
 
@@ -84,6 +86,33 @@ class Task:
     history_from_source: bool = True
     """False when the history item is the answer itself (LaMP_7 tweets): OPPU then trains the adapter to write
     the user's tweet from an empty text, i.e. plain language modelling of the user's own tweets."""
+    retrieval_template: str = "{text}"
+    """OPPU's BM25 query (`prompt.json` `retrieval_query_wokey`, word for word, typos included) with `{text}`
+    where the query's text goes."""
+
+    @property
+    def label_field(self) -> str | None:
+        """The field `text_only` history drops: the answer, unless the answer is the item's only text (LaMP_7)."""
+        return None if self.target_field == self.source_field else self.target_field
+
+    # -- retrieval side --------------------------------------------------------------------------------------
+    def retrieval_query(self, input: str, instruction: bool = True) -> str:
+        """What a retriever matches a query's `input` against: OPPU's instruction + the query text for BM25
+        (`instruction=True`), the query text alone otherwise (LaMP's dense retriever matches the text only)."""
+        return self._query(self._retrieval_text(input), instruction)
+
+    def history_query(self, item: Any, instruction: bool = True) -> str:
+        """The retrieval query of a history item's training example: OPPU's `retrieval_query.format(**item)`,
+        i.e. the instruction + the item's own source text (LaMP_7: its tweet, LaMP_1: its title), cut as OPPU
+        cuts training items. Never the example's input: a LaMP_7 example's input has no text at all."""
+        text = first_words(str(_fields(item).get(self.source_field, "")), MAX_QUERY_WORDS)
+        return self._query(text, instruction)
+
+    def _retrieval_text(self, input: str) -> str:
+        return self.query_text(input)
+
+    def _query(self, text: str, instruction: bool) -> str:
+        return self.retrieval_template.format(text=text) if instruction else text
 
     # -- query side ------------------------------------------------------------------------------------------
     def query_text(self, input: str) -> str:
@@ -101,11 +130,12 @@ class Task:
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def format_item(self, item: Any, text_only: bool = False) -> str:
-        """One history item as it appears in a prompt; `text_only` drops the label/answer field."""
+        """One history item as it appears in a prompt (and, in full, OPPU's `retrieval_history` BM25 document);
+        `text_only` drops `label_field` (nothing for LaMP_7, whose tweet is both its text and its answer)."""
         fields = _fields(item)
         parts = []
         for label, name in self.item_format:
-            if text_only and name == self.target_field:
+            if text_only and name == self.label_field:
                 continue
             value = fields.get(name)
             if value:
@@ -223,9 +253,18 @@ class CitationTask(Task):
                 f'related? Just answer with [1] or [2] without explanation. [1]: "{one}" [2]: "{two}"')
 
     def query_text(self, input: str) -> str:
-        # LaMP's retriever matches the two candidate references against the user's papers.
+        # The text that identifies the question: the two candidate references (LaMP's own retriever matches them).
         parsed = self.parse(input)
         return f"{parsed[1]} {parsed[2]}" if parsed else input.strip()
+
+    def _retrieval_text(self, input: str) -> str:
+        # OPPU retrieves with the author's paper title (`extract_citation_title`), not with the references.
+        parsed = self.parse(input)
+        if parsed:
+            return parsed[0]
+        if input.startswith("paper title:"):  # a history example's input
+            return input[len("paper title:"):].removesuffix("reference:").strip()
+        return input.strip()
 
     def main_question(self, input: str) -> str:
         parsed = self.parse(input)
@@ -274,6 +313,9 @@ def _registry() -> dict[str, Task]:
             input_template='For an author who has written the paper with the title "{text}", which reference is '
                            "related? Just answer with [1] or [2] without explanation.",
             markers=(), question="{text}", answer_label="reference:",
+            retrieval_template="Identify the most relevant reference for the listed publication by the researcher. Select the "
+                               "reference paper that is most closely related to the researcher's work. Please respond "
+                               "with only the number that corresponds to the reference.\npaper title: {text}",
             profile_instruction="Write a short summary, in English, of the research interests and topics of the "
                                 "researcher who published the following papers. Only write the summary.",
             aliases={"1": "[1]", "2": "[2]", "(1)": "[1]", "(2)": "[2]"},
@@ -292,6 +334,7 @@ def _registry() -> dict[str, Task]:
             question="Which category does this article belong to? Choose one of: {labels}. Answer with only the "
                      "category name.\narticle: {text}\ncategory:",
             answer_label="category:",
+            retrieval_template="Which category does this article relate to among the following categories? arcicle: {text}",
             profile_instruction="Look at the following articles this journalist wrote and name the category they "
                                 "write in most often. Answer in the form: most popular category: <category>.",
         ),
@@ -308,6 +351,8 @@ def _registry() -> dict[str, Task]:
             question="Which tag does this user give to this movie? Choose one of: {labels}. Answer with only the "
                      "tag.\ndescription: {text}\ntag:",
             answer_label="tag:",
+            retrieval_template="Which tag does this movie relate to among the following tags? Just answer with the tag "
+                               "name without further explanation.\n description: {text}",
             profile_instruction="Look at the following movies this user tagged and name the tag they use most "
                                 "often for each kind of movie. Answer in the form: most popular tag: <tag>.",
         ),
@@ -322,6 +367,7 @@ def _registry() -> dict[str, Task]:
             question="What score from 1 to 5 does this user give with the following review? Answer with only one "
                      "digit: 1, 2, 3, 4 or 5.\nreview: {text}\nscore:",
             answer_label="score:",
+            retrieval_template="What is the score of the following review on a scale of 1 to 5? review: {text}",
             profile_instruction="Based on this user's past reviews, what scores do they most often give for "
                                 "positive and for negative reviews? Answer in the form: most common positive "
                                 "score: <score>, most common negative score: <score>.",
@@ -336,6 +382,7 @@ def _registry() -> dict[str, Task]:
             question="Write a headline for the following article in this author's style. Answer with only the "
                      "headline.\narticle: {text}\nheadline:",
             answer_label="headline:",
+            retrieval_template="Generate a headline for the following article: {text}",
             profile_instruction="Given this author's previous articles, describe a template for their headlines, "
                                 "specific about their style and wording, so that one could predict the headline "
                                 "of one of their articles.",
@@ -350,6 +397,7 @@ def _registry() -> dict[str, Task]:
             question="Write a title for the following abstract of a paper in this author's style. Answer with only "
                      "the title.\nabstract: {text}\ntitle:",
             answer_label="title:",
+            retrieval_template="Generate a title for the following abstract of a paper: {text}",
             profile_instruction="Given this author's previous publications, describe a template for their paper "
                                 "titles so that one could predict a title from an abstract. Only write the "
                                 "template description.",
@@ -365,6 +413,7 @@ def _registry() -> dict[str, Task]:
                      "tweet.\ntext: {text}\ntweet:",
             answer_label="tweet:",
             history_from_source=False,
+            retrieval_template="Paraphrase the following text into tweet without any explanation before or after it: {text}",
             profile_instruction="Given this person's previous tweets, describe a template for their tweets (style, "
                                 "punctuation, capitalization, wording, tone) so that a generic sentence could be "
                                 "rephrased to sound like them. Only write the template description.",

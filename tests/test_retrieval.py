@@ -19,6 +19,24 @@ def test_tokenize_is_lowercase_words():
     assert tokenize("Space-Ship, WAR!") == ["space", "ship", "war"]
 
 
+def test_whitespace_tokens_reproduce_the_official_split():
+    # OPPU splits on single spaces: case and punctuation stay, so "Space," and "space" are different terms.
+    items = [Item("a", {"text": "space ship"}), Item("b", {"text": "a Space, ship."}),
+             Item("c", {"text": "river city"}), Item("d", {"text": "old film"}), Item("e", {"text": "war hero"})]
+    official = get_retriever("bm25", tokens="whitespace")
+    assert official.retrieve("Space, ship.", items, k=1)[0][0].id == "b"
+    assert official.retrieve("SPACE", items, k=1)[0][1] == 0.0
+    assert get_retriever("bm25").retrieve("SPACE", items, k=1)[0][1] > 0.0
+    with pytest.raises(ValueError, match="words, whitespace"):
+        get_retriever("bm25", tokens="nltk")
+
+
+def test_which_retrievers_take_the_instruction_in_their_query():
+    assert get_retriever("bm25").query_instruction  # OPPU's BM25 query: instruction + text
+    assert not get_retriever("dense").query_instruction  # LaMP's dense ranking: the text alone
+    assert not get_retriever("recency").query_instruction
+
+
 def test_bm25_ranks_the_matching_item_first_and_respects_k():
     got = get_retriever("bm25").retrieve("space ship war", ITEMS, k=2)
     assert got[0][0].id == "3"

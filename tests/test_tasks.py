@@ -66,6 +66,23 @@ def test_prompt_states_answer_format_and_includes_profile_and_items(task_id):
     assert "Past items" not in bare and "profile" not in bare.lower()
 
 
+@pytest.mark.parametrize("task_id", list(TASKS))
+def test_text_only_drops_only_the_label_and_never_renders_empty(task_id):
+    task = get_task(task_id)
+    prompt_label = {name: label for label, name in task.item_format}
+    for fields in (ALL_FIELDS, {name: ALL_FIELDS[name] for name in task.profile_fields}):
+        text_only = task.format_item(Item("i1", fields), text_only=True)
+        assert text_only, "a retrieved item must not vanish from a text-only prompt"
+        assert ALL_FIELDS[task.source_field] in text_only
+        if task.label_field is not None:
+            assert ALL_FIELDS[task.label_field] not in text_only
+            assert f"{prompt_label[task.label_field]}:" not in text_only
+    assert (task.label_field is None) == (task_id == "LaMP_7")  # a tweet is both the text and the answer
+    prompt = task.prompt(task.make_choice_input("T", "A", "B") if task_id == "LaMP_1" else task.make_input("q"),
+                         retrieved=[Item("i1", ALL_FIELDS)], text_only=True)
+    assert "Past items of this user" in prompt
+
+
 @pytest.mark.parametrize("task_id", ["LaMP_2N", "LaMP_2M", "LaMP_3", "LaMP_4", "LaMP_5"])
 def test_text_only_drops_the_answer_field(task_id):
     task = get_task(task_id)
@@ -75,6 +92,51 @@ def test_text_only_drops_the_answer_field(task_id):
     source_label = next(label for label, name in task.item_format if name == task.source_field)
     assert f"{source_label}: " in text_only and ALL_FIELDS[task.target_field] not in text_only.split(": ")[-1]
     assert len(text_only) < len(full)
+
+
+# OPPU's `prompt.json` `retrieval_query_wokey` templates, word for word.
+OFFICIAL_QUERIES = {
+    "LaMP_1": "Identify the most relevant reference for the listed publication by the researcher. Select the "
+              "reference paper that is most closely related to the researcher's work. Please respond with only the "
+              "number that corresponds to the reference.\npaper title: {}",
+    "LaMP_2N": "Which category does this article relate to among the following categories? arcicle: {}",
+    "LaMP_2M": "Which tag does this movie relate to among the following tags? Just answer with the tag name "
+               "without further explanation.\n description: {}",
+    "LaMP_3": "What is the score of the following review on a scale of 1 to 5? review: {}",
+    "LaMP_4": "Generate a headline for the following article: {}",
+    "LaMP_5": "Generate a title for the following abstract of a paper: {}",
+    "LaMP_7": "Paraphrase the following text into tweet without any explanation before or after it: {}",
+}
+
+
+@pytest.mark.parametrize("task_id", list(TASKS))
+def test_retrieval_query_is_the_official_instruction_plus_the_query_text(task_id):
+    task = get_task(task_id)
+    if task_id == "LaMP_1":  # OPPU retrieves with the author's paper title, not the candidate references
+        inp, text = task.make_choice_input("Deep Graphs", "Spectral methods", "Protein folding"), "Deep Graphs"
+    else:
+        text = "Zoë's naïve café story."
+        inp = task.make_input(text)
+    assert task.retrieval_query(inp) == OFFICIAL_QUERIES[task_id].format(text)
+    assert task.retrieval_query(inp, instruction=False) == text
+
+
+@pytest.mark.parametrize("task_id", list(TASKS))
+def test_history_query_is_the_official_training_query_of_the_item(task_id):
+    # OPPU.py: `retrieval_query.format(**item)`, the item's own source text (LaMP_7: the tweet itself).
+    task = get_task(task_id)
+    item = Item("i", ALL_FIELDS)
+    assert task.history_query(item) == OFFICIAL_QUERIES[task_id].format(ALL_FIELDS[task.source_field])
+    assert task.history_query(item, instruction=False) == ALL_FIELDS[task.source_field]
+    long = {**ALL_FIELDS, task.source_field: " ".join(["w"] * 2000)}
+    assert len(task.history_query(long, instruction=False).split()) == 768
+
+
+def test_lamp7_history_query_is_the_tweet_although_the_example_input_is_empty():
+    task = get_task("LaMP_7")
+    inp, target = task.history_example({"text": "fixed the sink today"})
+    assert task.query_text(inp) == ""
+    assert task.history_query({"text": "fixed the sink today"}, instruction=False) == target
 
 
 def test_format_item_accepts_dicts_and_truncates_long_fields():
