@@ -39,8 +39,9 @@ class AdapterBank(Protocol):
     def save(self, key: str, folder: str | Path, manifest: dict[str, Any]) -> Path: ...
 
     def generate(self, tokenizer, prompts: Sequence[str], keys: Sequence[str | None], gen_cfg: GenerationConfig,
-                 max_new_tokens: int) -> list[str]:
-        """Row i answered with adapter `keys[i]` (None: the base model)."""
+                 max_new_tokens: int, max_prompt_tokens: int) -> list[str]:
+        """Row i answered with adapter `keys[i]` (None: the base model); a prompt keeps its last
+        `max_prompt_tokens` tokens, as a training example keeps the end of its prompt."""
 
     def delete(self, key: str) -> None: ...
 
@@ -69,11 +70,12 @@ class PeftBank:
 
         return save_user_adapter(self.pool, key, folder, manifest)
 
-    def generate(self, tokenizer, prompts, keys, gen_cfg, max_new_tokens) -> list[str]:
+    def generate(self, tokenizer, prompts, keys, gen_cfg, max_new_tokens, max_prompt_tokens) -> list[str]:
         from oppu.generate import generate
 
         names = [None if k is None else self.pool.name_of(k) for k in keys]
-        return generate(self.pool, tokenizer, prompts, names, gen_cfg, max_new_tokens=max_new_tokens)
+        return generate(self.pool, tokenizer, prompts, names, gen_cfg, max_new_tokens=max_new_tokens,
+                        max_prompt_tokens=max_prompt_tokens)
 
     def delete(self, key: str) -> None:
         self.pool.delete(key)
@@ -101,13 +103,13 @@ class MultiLoraBank:
     def save(self, key: str, folder, manifest) -> Path:
         return self.ml.save(key, folder, manifest)
 
-    def generate(self, tokenizer, prompts, keys, gen_cfg, max_new_tokens) -> list[str]:
+    def generate(self, tokenizer, prompts, keys, gen_cfg, max_new_tokens, max_prompt_tokens) -> list[str]:
         from oppu.multilora import generate_multi, greedy, sampler
 
         pick = greedy if gen_cfg.greedy else sampler(gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p,
                                                      gen_cfg.seed, self.ml.scaling.device)
         return generate_multi(self.ml, tokenizer, prompts, list(keys), max_new_tokens,
-                              batch_size=gen_cfg.batch_size, pick=pick)
+                              batch_size=gen_cfg.batch_size, max_prompt_tokens=max_prompt_tokens, pick=pick)
 
     def delete(self, key: str) -> None:
         self.ml.remove(key)

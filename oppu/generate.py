@@ -23,6 +23,14 @@ from oppu.model import BASE_ADAPTER, KIND_OF_PEFT_TYPE, AdapterPool, eos_token_i
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PROMPT_TOKENS = 1536
+"""For callers that pass no cutoff; a run answers with `prompt_budget` of its training cutoff instead."""
+
+
+def prompt_budget(cutoff: int, max_new_tokens: int) -> int:
+    """Prompt tokens an answer may keep under a run's token cutoff: the cutoff less the answer budget, as in
+    training, where a prompt keeps `cutoff - len(target)` tokens (`oppu.train.encode_example`) and a target at
+    most half the cutoff."""
+    return max(cutoff - max_new_tokens, cutoff // 2)
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:

@@ -109,3 +109,13 @@ def test_an_emptied_pool_generates_like_the_base(tiny_model, kind):
     assert generate(pool, tok, PROMPTS, None, GenerationConfig(), max_new_tokens=4) == before
     pool.add("bob", PeftConfig(kind=kind, num_virtual_tokens=4))  # the same wrapper takes new adapters
     assert generate(pool, tok, PROMPTS, [pool.name_of("bob")] * 4, GenerationConfig(), max_new_tokens=4)
+
+
+def test_answers_keep_the_prompt_budget_of_the_training_cutoff():
+    from oppu.generate import prompt_budget
+
+    # Training keeps cutoff - len(target) prompt tokens with a target of at most half the cutoff: answering keeps
+    # cutoff - max_new_tokens, never less than half the cutoff.
+    assert prompt_budget(2048, 200) == 1848
+    assert prompt_budget(256, 8) == 248
+    assert prompt_budget(256, 200) == 128
