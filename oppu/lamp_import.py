@@ -122,32 +122,69 @@ def group_questions(questions: Sequence[LampQuestion]) -> list[list[LampQuestion
     return [groups[root] for root in sorted(groups)]
 
 
-def _user_of(group: Sequence[LampQuestion]) -> User:
-    history: dict[str, Item] = {}
+def _same_text(text: str | None) -> str:
+    """Text as leak checks compare it: whitespace runs collapsed, case folded ("" for nothing)."""
+    return " ".join((text or "").split()).casefold()
+
+
+def leaks(task: Task, item: Item, queries: Sequence[Query]) -> bool:
+    """Whether a history item gives away one of the user's own queries, so it must not be trained on or retrieved.
+
+    Grouping merges the profiles of one author's questions, and in LaMP's time-based split a later question's
+    profile can hold an earlier question itself. An item leaks when it is a query's own document (its source
+    text equals the text the query is asked about, the text retrieval matches: LaMP_2M description, LaMP_4
+    article, LaMP_1 paper title...), which carries the query's answer as its label, or, for generation tasks,
+    when its answer field equals a query's gold (the gold headline, title or tweet in the history). A shared
+    class label alone is no leak: most items of a classification user share labels with the queries.
+    """
+    source = _same_text(item.fields.get(task.source_field))
+    target = _same_text(item.fields.get(task.target_field))
+    for query in queries:
+        if source and source == _same_text(task.retrieval_query(query.input, instruction=False)):
+            return True
+        if task.kind == "generation" and target and target == _same_text(query.gold):
+            return True
+    return False
+
+
+def _user_of(task: Task, group: Sequence[LampQuestion]) -> tuple[User, int]:
+    """The user of one group of questions, and how many items of its merged profile were dropped as leaks."""
+    merged: dict[str, Item] = {}
     for question in group:
         for item in question.profile:
-            history.setdefault(item.id, item)
+            merged.setdefault(item.id, item)
     queries = tuple(Query(q.id, q.input, q.gold) for q in group)
+    history = tuple(item for item in merged.values() if not leaks(task, item, queries))
     # LaMP has no user ids: a user is named after its first question's id, which is unique and stable.
-    return User(group[0].id, tuple(history.values()), queries)
+    return User(group[0].id, history, queries), len(merged) - len(history)
+
+
+@dataclass(frozen=True)
+class ConvertedData(TaskData):
+    """What `convert_lamp` wrote (as `load_task_data` reads it back) and what the conversion left out."""
+
+    leaks_dropped: int = 0
+    """History items dropped because they were one of the user's queries' own document or gold (see `leaks`)."""
 
 
 def convert_lamp(task: Task | str, questions: str | os.PathLike[str], outputs: str | os.PathLike[str] | None,
-                 out_dir: str | os.PathLike[str], test_users: int = 100) -> TaskData:
+                 out_dir: str | os.PathLike[str], test_users: int = 100) -> ConvertedData:
     """Official LaMP files -> OPPU layout in `out_dir/<task id>/`: the `test_users` users with the largest
-    history are test users, the others `user_others`. Every query keeps its id. Returns the written data."""
+    history are test users, the others `user_others`. Every query keeps its id; history items that leak one of
+    the user's queries are dropped and counted. Returns the written data."""
     task = as_task(task)
     if test_users < 1:
         raise DataError(f"test_users must be >= 1 (got {test_users}); pass e.g. --test-users 100")
     records, problems = read_lamp(task, questions, outputs)
     if not records:
         raise DataError(f"{questions}: no usable {task.id} question; check the file and --task")
-    users = [_user_of(group) for group in group_questions(records)]
+    converted = [_user_of(task, group) for group in group_questions(records)]
+    users = [user for user, _ in converted]
     ranked = sorted(users, key=lambda u: (-len(u.history), u.id))
     folder = write_oppu(task, ranked[test_users:], ranked[:test_users], out_dir)
     loaded = load_task_data(out_dir, task)
-    return TaskData(loaded.task, loaded.train_users, loaded.test_users, (*problems, *loaded.problems),
-                    str(folder), loaded.fingerprint)
+    return ConvertedData(loaded.task, loaded.train_users, loaded.test_users, (*problems, *loaded.problems),
+                         str(folder), loaded.fingerprint, leaks_dropped=sum(dropped for _, dropped in converted))
 
 
 # -- validation ----------------------------------------------------------------------------------------------

@@ -34,6 +34,13 @@ def test_convert_then_validate(tmp_path, capsys):
     assert "ok: no problems" in capsys.readouterr().out
 
 
+def test_convert_reports_the_leaking_items_it_dropped(tmp_path, capsys):
+    rc = main(["data", "convert", "--task", "LaMP_2M", "--questions", str(FIXTURES / "LaMP_2M_leaky_questions.json"),
+               "--outputs", str(FIXTURES / "LaMP_2M_leaky_outputs.json"), "--out", str(tmp_path), "--test-users", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "1 leaking history item(s) dropped" in out and "dropped 1 history item(s)" in err
+
+
 def test_validate_lists_one_line_per_problem_and_exits_1(capsys):
     rc = main(["data", "validate", str(FIXTURES / "LaMP_2M_dev_questions.json"), "--task", "LaMP_2M"])
     lines = capsys.readouterr().out.strip().splitlines()

@@ -21,6 +21,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "lamp"
 QUESTIONS = FIXTURES / "LaMP_2M_dev_questions.json"
 OUTPUTS = FIXTURES / "LaMP_2M_dev_outputs.json"
 OUTPUTS_BARE = FIXTURES / "LaMP_2M_dev_outputs_bare.json"
+LEAKY = FIXTURES / "LaMP_2M_leaky_questions.json"
+LEAKY_OUTPUTS = FIXTURES / "LaMP_2M_leaky_outputs.json"
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
@@ -101,3 +103,33 @@ def test_lamp_urls_follow_the_official_layout():
     urls = lamp_urls("LaMP_2M")
     assert urls["dev_questions.json"] == "https://ciir.cs.umass.edu/downloads/LaMP/LaMP_2/new/dev/dev_questions.json"
     assert lamp_urls("LaMP_2N", "http://m/")["train_outputs.json"] == "http://m/LaMP_2/train/train_outputs.json"
+
+
+def test_convert_drops_history_items_that_are_a_querys_own_document(tmp_path):
+    # One author's two questions; the later profile grew by the earlier question's own movie (item 9002, spaced
+    # differently) with its gold tag.
+    data = convert_lamp("LaMP_2M", LEAKY, LEAKY_OUTPUTS, tmp_path, test_users=1)
+    user = data.user("900")
+    assert [q.id for q in user.queries] == ["900", "901"]
+    assert [i.id for i in user.history] == ["9000", "9003"]  # 9002 is question 900's movie with its gold tag
+    assert data.leaks_dropped == 1
+
+
+def test_convert_drops_history_items_carrying_a_generation_gold(tmp_path):
+    headline = "Generate a headline for the following article: "
+    questions = [
+        {"id": "1", "input": headline + "Markets fell sharply today.",
+         "profile": [{"id": "10", "text": "a", "title": "b"}]},
+        {"id": "2", "input": headline + "Rain all week.",
+         "profile": [{"id": "10", "text": "a", "title": "b"},
+                     {"id": "11", "text": "Another story about stocks.", "title": "Stocks Tumble"}]},
+    ]
+    golds = [{"id": "1", "output": "stocks tumble"}, {"id": "2", "output": "Wet week"}]
+    data = convert_lamp("LaMP_4", _write(tmp_path / "q.json", questions), _write(tmp_path / "o.json", golds),
+                        tmp_path / "out")
+    assert [i.id for i in data.user("1").history] == ["10"] and data.leaks_dropped == 1
+
+
+def test_convert_keeps_clean_histories_whole(tmp_path):
+    data = convert_lamp("LaMP_2M", QUESTIONS, OUTPUTS, tmp_path, test_users=2)
+    assert data.leaks_dropped == 0

@@ -33,7 +33,12 @@ def _convert(args: argparse.Namespace) -> int:
     data = convert_lamp(args.task, args.questions, args.outputs, args.out, test_users=args.test_users)
     queries = sum(len(u.queries) for u in (*data.train_users, *data.test_users))
     print(f"wrote {data.source}: {len(data.test_users)} test users, {len(data.train_users)} other users, "
-          f"{queries} queries, {len(data.problems)} problem(s)")
+          f"{queries} queries, {len(data.problems)} problem(s), {data.leaks_dropped} leaking history item(s) "
+          "dropped")
+    if data.leaks_dropped:
+        print(f"warning: dropped {data.leaks_dropped} history item(s) that repeat one of their user's queries "
+              "(its own document, or a generation gold); training and retrieval on them would see the golds",
+              file=sys.stderr)
     for problem in data.problems[:SHOWN_PROBLEMS]:
         print(f"warning: {problem}", file=sys.stderr)
     if len(data.problems) > SHOWN_PROBLEMS:
