@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from oppu.tasks import get_task
     from oppu.train import (
-        _pad_id,
         answer_end_ids,
         encode_example,
         tokens_per_forward_for,
         train_users,
+        training_pad_id,
     )
 
     task = get_task(args.task)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         ml.load_state_dict(uid, init_state, alpha=peft_cfg.alpha, r=peft_cfg.r)
     with phase("multilora") as ours:
         train_users_batched(ml, batches, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                            warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=1.0, pad_id=_pad_id(tokenizer),
+                            warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=1.0, pad_id=training_pad_id(tokenizer),
                             tokens_per_forward=budget)
     ours_states = {uid: ml.state_dict(uid) for uid in encoded}
     base = ml.unwrap()

@@ -2,7 +2,9 @@
 (the multi-user batched LoRA loop is `oppu.multilora`'s; both build their examples with `oppu.examples`).
 
 Protocol (the paper / official code, minus its defects):
-- Loss on the answer tokens only: prompt tokens are masked with -100.
+- Loss on the answer tokens only: prompt tokens are labelled `IGNORE_INDEX`; one loss definition
+  (`answer_cross_entropy`), one answer-token count and one padding rule (`training_pad_id`) serve this loop and the
+  multi-user one.
 - Prompts are chat-templated exactly as at generation time (`generate.encode_prompt`), so the adapter learns
   the format it will be asked in.
 - A per-user adapter trains on THAT user's history only: its examples are built inside `train_user` from the
@@ -40,6 +42,8 @@ TOKENS_PER_FORWARD = 256
 fp32). Measured peak RSS of one 8-example step (1,419 tokens): 2.6 GB at 768, 1.8 GB at 384, 1.4 GB at 256, with
 no loss of speed on CPU (a row of 150 tokens still makes matmuls large enough)."""
 GPU_TOKENS_PER_FORWARD_MAX = 65536
+IGNORE_INDEX = -100
+"""Label of a token that carries no loss (prompt and padding), as in Hugging Face."""
 
 
 def tokens_per_forward_for(model) -> int:
@@ -104,7 +108,7 @@ def encode_example(tokenizer, example: Example, max_length: int, end_ids: Sequen
     """(input_ids, labels) with the prompt masked; the answer keeps at most half the length budget."""
     target = tokenizer(example.target, add_special_tokens=False)["input_ids"][: max_length // 2] + list(end_ids)
     prompt = encode_prompt(tokenizer, example.prompt, max_length - len(target))
-    return prompt + target, [-100] * len(prompt) + target
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 
 
 def right_pad(batch: Sequence[tuple[list, list]], pad_id: int, device):
@@ -112,7 +116,7 @@ def right_pad(batch: Sequence[tuple[list, list]], pad_id: int, device):
 
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, (x, y) in enumerate(batch):
         ids[row, : len(x)] = torch.tensor(x)
@@ -162,34 +166,56 @@ def _is_prompt_learning(model) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
-def answer_loss_sum(model, ids, mask, labels):
-    """Sum of the cross-entropies at answer positions (labels != -100, shifted as in causal LM training).
+def training_pad_id(tokenizer) -> int:
+    """The id that pads training rows (both loops): the tokenizer's pad token, else its EOS. Rows are padded on
+    the right, after every real token, with label `IGNORE_INDEX`, so causal attention never reads it."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    The vocabulary projection runs on the answer positions only: over every position of a batch the float
-    logits (SmolLM2: 49k vocabulary) were most of a training step's memory (~5 GB for 8 x 384 tokens) and time.
-    Prompt tuning prepends virtual tokens inside PEFT's own forward, so it keeps the full forward.
+
+def answer_tokens(labels: Sequence[int]) -> int:
+    """How many of a row's tokens carry loss: labels other than `IGNORE_INDEX` after the first token (the first
+    is never predicted). A batch's loss is the sum over these divided by their count."""
+    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+
+
+def answer_cross_entropy(model, hidden, labels, reduction: str = "sum"):
+    """(cross-entropy, picked): the loss at a batch's answer positions from the decoder's hidden states, shifted
+    as in causal LM training, and the [rows, width - 1] mask of those positions (labels != `IGNORE_INDEX`).
+
+    The one loss definition of both training loops. The vocabulary projection runs on the answer positions only:
+    over every position of a batch the float logits (SmolLM2: 49k vocabulary) were most of a training step's
+    memory (~5 GB for 8 x 384 tokens) and time. `reduction` is `cross_entropy`'s ("none": one loss per picked
+    position, in row-major order).
     """
     import torch
 
     targets = labels[:, 1:]
-    picked = targets != -100
+    picked = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][picked]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[picked], reduction=reduction), picked
+
+
+def answer_loss_sum(model, ids, mask, labels):
+    """Sum of the cross-entropies at answer positions (`answer_cross_entropy` over the decoder's forward).
+
+    Prompt tuning prepends virtual tokens inside PEFT's own forward, so it keeps the full forward.
+    """
     if _is_prompt_learning(model):
         out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-        return out.loss * picked.sum()
+        return out.loss * (labels[:, 1:] != IGNORE_INDEX).sum()
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][picked]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[picked], reduction="sum")
+    return answer_cross_entropy(model, hidden, labels)[0]
 
 
 def _accumulate(model, batch: Sequence[tuple[list, list]], pad_id: int, device, tokens_per_forward: int) -> float:
     """Backward of one batch's mean answer-token loss, in length-sorted chunks; returns that loss."""
-    answer_tokens = sum(1 for _, labels in batch for t in labels[1:] if t != -100)
-    if answer_tokens == 0:
+    n_answer = sum(answer_tokens(labels) for _, labels in batch)
+    if n_answer == 0:
         raise ValueError("a training batch has no answer tokens: every example needs a non-empty target")
     total = 0.0
     for chunk in length_chunks([len(ids) for ids, _ in batch], tokens_per_forward):
         ids, mask, labels = right_pad([batch[i] for i in chunk], pad_id, device)
-        loss = answer_loss_sum(model, ids, mask, labels) / answer_tokens
+        loss = answer_loss_sum(model, ids, mask, labels) / n_answer
         loss.backward()
         total += float(loss.detach())
     return total
@@ -236,10 +262,6 @@ def train_loop(model, params: list, encoded: Sequence[tuple[list, list]], cfg: T
     return curve
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 # -- per-user adapters ---------------------------------------------------------------------------------------
 def train_user(pool: AdapterPool, tokenizer, task, user, style: PromptStyle, peft_cfg: PeftConfig,
                train_cfg: TrainConfig, *, history: Sequence[Any] | None = None, retriever: Retriever | None = None,
@@ -261,7 +283,8 @@ def train_user(pool: AdapterPool, tokenizer, task, user, style: PromptStyle, pef
     end_ids = answer_end_ids(tokenizer)
     encoded = [encode_example(tokenizer, ex, train_cfg.max_length, end_ids) for ex in examples]
     stage = f"user:{user.id}:{style.key}"
-    curve = train_loop(pool.model, params, encoded, train_cfg, _pad_id(tokenizer), stage, progress, should_stop)
+    curve = train_loop(pool.model, params, encoded, train_cfg, training_pad_id(tokenizer), stage, progress,
+                       should_stop)
     for p in params:
         p.requires_grad_(False)
     item_ids, data_hash = trained_items(task, items, examples)
@@ -329,8 +352,8 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], styles: Sequence[Pr
         end_ids = answer_end_ids(tokenizer)
         encoded = [encode_example(tokenizer, ex, train_cfg.max_length, end_ids) for ex in examples]
         try:
-            curve = train_loop(wrapped, params, encoded, train_cfg, _pad_id(tokenizer), f"adapt:{task.id}",
-                               progress, should_stop)
+            curve = train_loop(wrapped, params, encoded, train_cfg, training_pad_id(tokenizer),
+                               f"adapt:{task.id}", progress, should_stop)
         except StopRequested:
             wrapped.unload()  # leave the caller's base model as it was
             raise

@@ -1,4 +1,4 @@
-"""Multi-LoRA batching (oppu/multilora.py) against PEFT, the reference it must be interchangeable with.
+"""Multi-LoRA batching (oppu/multilora/) against PEFT, the reference it must be interchangeable with.
 
 Each test builds a 2-layer Llama (hidden 32) in code with random NON-zero LoRA weights, so an adapter that
 were ignored, mis-routed, transposed or mis-scaled would change the numbers.
@@ -269,7 +269,7 @@ def test_batched_training_equals_training_each_user_alone(base, states):
     ml.add("idle", seed=5)  # a slot that must not move
     idle_before = ml.state_dict("idle")
     history = train_users_batched(ml, per_user, lr=hp["lr"], weight_decay=hp["wd"], warmup_ratio=hp["warmup_ratio"],
-                                  max_grad_norm=hp["max_norm"], tokens_per_forward=24)  # several chunks per step
+                                  max_grad_norm=hp["max_norm"], tokens_per_forward=24, pad_id=0)  # several chunks
     for user, batches in per_user.items():
         batches = [b for b in batches if b]
         alone = peft_train_alone(base, states[user], batches, hp["lr"], hp["wd"], hp["warmup_ratio"], hp["max_norm"])
@@ -292,7 +292,7 @@ def test_dropout_masks_do_not_depend_on_batch_companions(base, states):
     def train(batches, tokens_per_forward, dropout=0.3, seed=7):
         ml = multi_with(base, states, capacity=4, dropout=dropout)
         train_users_batched(ml, batches, lr=5e-2, max_grad_norm=1.0, tokens_per_forward=tokens_per_forward,
-                            seed=seed)
+                            seed=seed, pad_id=0)
         return ml
 
     together = train(per_user, 24)
@@ -326,7 +326,7 @@ def test_no_gradient_reaches_another_users_slice(base, states):
     for p in ml.parameters():
         p.requires_grad_(True)
         p.grad = None
-    from oppu.multilora import _step_loss
+    from oppu.multilora.train import _step_loss
 
     _step_loss(ml, batch, [ml.slot("ben")] * 3, torch.full((3,), 1 / 3), pad_id=0)
     ann, ben = ml.slot("ann"), ml.slot("ben")
@@ -341,7 +341,7 @@ def test_perturbing_another_users_data_leaves_my_adapter_unchanged(base, states)
     def train(ben_seed: int):
         ml = multi_with(base, states, capacity=4)
         train_users_batched(ml, {"ann": ann_batches, "ben": user_batches(ben_seed, 6)}, lr=5e-2,
-                            max_grad_norm=1.0, tokens_per_forward=10_000)
+                            max_grad_norm=1.0, tokens_per_forward=10_000, pad_id=0)
         return ml.state_dict("ann"), ml.state_dict("ben")
 
     ann_a, ben_a = train(2)
@@ -355,7 +355,7 @@ def test_training_without_answer_tokens_is_refused(base, states):
     ml = multi_with(base, states)
     bad = TrainExample((5, 6, 7), (IGNORE_INDEX,) * 3)
     with pytest.raises(MultiLoraError, match="no answer tokens"):
-        train_users_batched(ml, {"ann": [[bad]]}, lr=1e-3)
+        train_users_batched(ml, {"ann": [[bad]]}, lr=1e-3, pad_id=0)
 
 
 def test_train_users_is_a_drop_in_for_the_per_user_loop(tiny_model, tiny_users):
@@ -432,5 +432,5 @@ def test_factors_stay_fp32_over_a_bf16_base(base, states):
         ref = reference(input_ids=ids[:1]).logits
     torch.testing.assert_close(logits[:1].float(), ref.float(), rtol=0.05, atol=0.05)
     before = ml.state_dict("ann")
-    train_users_batched(ml, {"ann": user_batches(1, 4)}, lr=1e-3)
+    train_users_batched(ml, {"ann": user_batches(1, 4)}, lr=1e-3, pad_id=0)
     assert any(not torch.equal(before[k], ml.state_dict("ann")[k]) for k in before)
