@@ -2,7 +2,7 @@
 
 Workload (defaults): the 16 most active LaMP_2M demo test users, each user's history bounded to its most recent
 `--items` items (the same `oppu.examples.user_examples` selection in both paths), the run's per-user training
-settings (`RunConfig().user_train`: epochs, lr, batch size, max length, clip 1.0, no warmup or weight decay),
+settings (`RunConfig().user_train`: epochs, lr, batch size, max length, clipping, warmup and weight decay),
 LoRA r=8 / alpha=8 / dropout 0.05 on q_proj/v_proj, every query of every user answered greedily with the task's
 own budget of new tokens. Task adaptation is excluded from both paths (the plain embedded model is the base).
 
@@ -84,7 +84,7 @@ def trainer_arguments(train_cfg, output_dir: Path):
     return transformers.TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=train_cfg.batch_size, gradient_accumulation_steps=1,
         optim="adamw_torch", num_train_epochs=train_cfg.epochs, learning_rate=train_cfg.lr,
-        weight_decay=train_cfg.weight_decay, warmup_steps=train_cfg.warmup_ratio, max_grad_norm=1.0,
+        weight_decay=train_cfg.weight_decay, warmup_steps=train_cfg.warmup_ratio, max_grad_norm=train_cfg.max_grad_norm,
         lr_scheduler_type="linear", train_sampling_strategy="group_by_length", save_strategy="no",
         logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=bench_device() == "cpu",
         seed=train_cfg.seed,
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         (f"workload: {task.id}, {len(users)} most active demo test users, each user's {train_cfg.max_examples} most "
          f"recent history items -> {tokens // train_cfg.epochs} training tokens per epoch, {train_cfg.epochs} "
-         f"epochs, batch {train_cfg.batch_size}, lr {train_cfg.lr:g}, max_length {train_cfg.max_length}, clip 1.0; "
+         f"epochs, batch {train_cfg.batch_size}, lr {train_cfg.lr:g}, max_length {train_cfg.max_length}, clip {train_cfg.max_grad_norm:g}; "
          f"LoRA r={peft_cfg.r}/alpha={peft_cfg.alpha}/dropout {peft_cfg.dropout:g} on "
          f"{'/'.join(peft_cfg.target_modules)}; {len(keys)} queries, greedy, {budget} new tokens at most; fp32; "
          "task adaptation excluded from both"),

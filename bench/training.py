@@ -2,7 +2,7 @@
 
 Workload (defaults): the 16 demo LaMP_2M users with the most history, 16 history items each, turned into OPPU
 training examples (plain prompts) by `oppu.examples.user_examples`, with the run's per-user training settings
-(`RunConfig().user_train`: 2 epochs, batch 8, lr 1e-3, clip 1.0) and LoRA r=8 on q_proj/v_proj.
+(`RunConfig().user_train`: epochs, batch size, lr, clipping) and LoRA r=8 on q_proj/v_proj.
 
 - sequential: `oppu.train.train_users` (one PEFT adapter per user, trained one user after another);
 - multilora: `oppu.multilora.train_users_batched` on the same examples, batches, schedule and initial weights.
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         ml.load_state_dict(uid, init_state, alpha=peft_cfg.alpha, r=peft_cfg.r)
     with phase("multilora") as ours:
         train_users_batched(ml, batches, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                            warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=1.0, pad_id=training_pad_id(tokenizer),
+                            warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=train_cfg.max_grad_norm,
+                            pad_id=training_pad_id(tokenizer),
                             tokens_per_forward=budget)
     ours_states = {uid: ml.state_dict(uid) for uid in encoded}
     base = ml.unwrap()

@@ -248,7 +248,7 @@ def train_loop(model, params: list, encoded: Sequence[tuple[list, list]], cfg: T
             if should_stop is not None and should_stop():
                 raise StopRequested(f"stopped at step {step - 1} of {total} ({stage})")
             loss = _accumulate(model, [encoded[i] for i in indices], pad_id, device, tokens_per_forward)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -267,7 +267,7 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
         return False
 
     history = train_users_batched(ml, batches, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                  warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=1.0,
+                                  warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=train_cfg.max_grad_norm,
                                   pad_id=training_pad_id(tokenizer), seed=train_cfg.seed, progress=report,
                                   should_stop=stop)
     if stopped:
