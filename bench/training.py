@@ -7,7 +7,7 @@ training examples (plain prompts) by `oppu.examples.user_examples`, with the run
 - sequential: `oppu.train.train_users` (one PEFT adapter per user, trained one user after another);
 - multilora: `oppu.multilora.train_users_batched` on the same examples, batches, schedule and initial weights.
 
-Targets (issue #7): multilora >= 1.5x the sequential loop, and >= 50% of the fp32 matmul peak this script
+Targets: multilora >= 1.5x the sequential loop, and >= 50% of the fp32 matmul peak this script
 measures. Also reported: peak RSS of each path (target for a 16-user run: < 2 GB) and how far the two paths'
 adapters differ (they should agree up to float rounding).
 """
