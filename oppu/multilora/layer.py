@@ -83,9 +83,10 @@ class MultiLoraLinear(nn.Module):
                                  "call route() with one adapter per row of this batch")
         xs = x if route.rows is None else x.index_select(0, route.rows)
         # The LoRA path runs in the factors' dtype (fp32 over a 16-bit base), as PEFT casts its input to
-        # lora_A's dtype: better rounding, and on the H200 the path with bf16 LoRA matmuls measured 2.5-5x slower
-        # than in fp32 while PEFT's paths were not (docs/PERFORMANCE.md; the small-N batched bf16 matmuls are the
-        # suspect, not profiled). Only the [rows, tokens, out] sum goes back to the base's dtype.
+        # lora_A's dtype: better rounding, and on an NVIDIA H200 GPU training with bf16 LoRA matmuls measured 2.5x
+        # slower than in fp32 while PEFT's path was not (docs/bench-log/2026-11-26-0710-gpu-h200-bf16.md; the
+        # small-N batched bf16 matmuls are the suspect, not profiled). Only the [rows, tokens, out] sum goes back
+        # to the base's dtype.
         flat = xs.reshape(xs.shape[0], -1, xs.shape[-1]).to(self.lora_A.dtype)  # [rows, tokens, in]
         if route.gathered is None or torch.is_grad_enabled():  # autograd must see the gather
             # Gather as a one-hot matmul: exact, and its backward is one small matmul, where index_select's
