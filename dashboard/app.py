@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.widgets import paths
+from dashboard.state import paths
 
 PAGES = [
     st.Page("../pages/overview.py", title="Overview", icon=":material/home:", default=True),

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import widgets
+from dashboard import adapter_files, state, widgets
 
 st.title("Personal adapters")
-where = widgets.paths()
+where = state.paths()
 widgets.show_flash()
 with widgets.friendly(f"list the adapters in {where.artifacts}"):
-    adapters = widgets.adapters()
+    adapters = adapter_files.list_adapters(where.artifacts)
     if adapters.empty:
         st.info(f"No personal adapters in `{where.artifacts}` yet. Methods starting with OPPU train one per user: "
                 "submit a job on **Train**.")
@@ -28,12 +28,12 @@ with widgets.friendly(f"list the adapters in {where.artifacts}"):
     labels = {r.folder: f"user {r.user_id} · {r.task} · run {r.run}" for r in folders.itertuples()}
     chosen = st.selectbox("A user's adapters of one run", list(labels), format_func=labels.get, key="adapter-pick")
     row = folders[folders["folder"] == chosen].iloc[0]
-    for style, manifest in widgets.adapter_manifests(chosen).items():
+    for style, manifest in adapter_files.manifests(chosen, where.artifacts).items():
         with st.expander(f"manifest.json · {style}"):
             st.json(manifest, expanded=1)
 
     export, delete = st.columns(2)
-    export.download_button("Export as zip", lambda: widgets.adapter_zip(chosen),
+    export.download_button("Export as zip", lambda: adapter_files.adapter_zip(chosen, where.artifacts),
                            f"adapter-{row['task']}-{row['user_id']}.zip", "application/zip",
                            icon=":material/download:", on_click="ignore", key="adapter-export",
                            help="The same zip as `oppu adapters export`; `oppu adapters import` restores it.")
@@ -41,6 +41,6 @@ with widgets.friendly(f"list the adapters in {where.artifacts}"):
         confirm = st.checkbox(f"Yes, delete user {row['user_id']}'s adapters of this run for good",
                               key=f"adapter-confirm-{chosen}")
         if st.button("Delete", disabled=not confirm, icon=":material/delete:", key="adapter-delete"):
-            widgets.delete_adapter(chosen)
+            adapter_files.delete_adapter(chosen, where.artifacts)
             widgets.flash(f"Deleted the adapters of user {row['user_id']} ({row['task']}, run {row['run']}).")
             st.rerun()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, tables, widgets
+from dashboard import charts, state, tables, widgets
+from oppu.metrics import row_score_name
 
 MAX_DETAILS = 50  # expanders below the table; the table itself shows every query
 
 st.title("Compare methods, query by query")
 with widgets.friendly("read the stored runs"):
-    runs = widgets.query("latest_runs", 200)
+    runs = state.query("latest_runs", 200)
     if runs.empty:
         st.info("No runs yet. Submit one on **Train** (or the quick demo on **Overview**); its answers appear here.")
         st.stop()
@@ -29,7 +30,7 @@ with widgets.friendly("read the stored runs"):
     with c1:
         run_id, unknown_run = widgets.pick("Run (newest first)", list(task_runs["run_id"]), key="compare-run",
                                            url_param="run", format_func=widgets.run_label(task_runs))
-    run_users = widgets.query("run_users", run_id)
+    run_users = state.query("run_users", run_id)
     users = (run_users.groupby("user_id", sort=False)["history_size"].max()
              .sort_values(ascending=False, kind="stable"))
     with c2:
@@ -40,9 +41,9 @@ with widgets.friendly("read the stored runs"):
         if value is not None:
             st.warning(f"The link asks for {what} {value!r}, which this store does not have; showing {shown}.")
 
-    preds = widgets.predictions(run_id, task, user_id)
-    name, lower = widgets.score_name(task)
-    summary = widgets.method_summary(preds, task)
+    preds = state.predictions(run_id, task, user_id)
+    name, lower = row_score_name(task)
+    summary = state.method_summary(preds, task)
     cols = st.columns(max(len(summary), 1))
     for col, (method, value, help_text) in zip(cols, summary):
         col.metric(charts.method_label(method), value, help=help_text)
@@ -50,7 +51,7 @@ with widgets.friendly("read the stored runs"):
 
     only_disagree = st.toggle("Only queries where the methods disagree", key="compare-disagree")
     if only_disagree:
-        preds = preds[preds["query_id"].astype(str).isin(widgets.disagreeing(run_id, user_id))]
+        preds = preds[preds["query_id"].astype(str).isin(state.disagreeing(run_id, user_id))]
     if preds.empty:
         st.info("The methods agree on every query of this user." if only_disagree
                 else "No stored answers for this user.")

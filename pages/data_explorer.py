@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import charts, tables, widgets
+from dashboard import charts, state, tables, widgets
 
-where = widgets.paths()
+where = state.paths()
 st.title("Data explorer")
 task = widgets.data_task_picker(key="explore-task")
 with widgets.friendly(f"load {task} from {where.data}"):
-    data = widgets.task_data(task)
+    data = state.task_data(task)
     sizes = tables.user_sizes(data)
     if data.problems:
         st.warning(f"{len(data.problems)} dirty record(s) were skipped while loading; `oppu data validate "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import charts, widgets
+from dashboard import charts, forms, state, widgets
+from oppu import jobs
 
-where = widgets.paths()
+where = state.paths()
 st.title("OPPU Studio")
 st.markdown(
     "**One PEFT Per User** gives every user a private parameter-efficient module (LoRA, IA3 or prompt tuning) trained "
@@ -15,12 +16,12 @@ st.markdown(
 st.caption("Zhaoxuan Tan, Qingkai Zeng, Yijun Tian, Zheyuan Liu, Bing Yin, Meng Jiang. *Democratizing Large "
            "Language Models via Personalized Parameter-Efficient Fine-tuning.* EMNLP 2024.")
 
-tasks = widgets.available_tasks(where.data)
-model = widgets.default_model()
+tasks = state.available_tasks(where.data)
+model = state.default_model()
 left, mid, right = st.columns(3)
 left.metric("LaMP tasks with data", len(tasks), help=f"in `{where.data}`: {', '.join(tasks) or 'none'}")
 with widgets.friendly("read the store"):
-    counts = widgets.store_counts()
+    counts = state.store_counts()
     mid.metric("Runs stored", counts.get("runs", 0))
     right.metric("Predictions stored", f"{counts.get('predictions', 0):,}")
 st.caption(f"Model: `{model}` · data `{where.data}` · store `{where.db}`")
@@ -35,12 +36,12 @@ if tasks:
     demo_task = widgets.task_picker(tasks, key="demo-task")
     if st.button("Run the quick demo experiment", type="primary", icon=":material/play_arrow:"):
         with widgets.friendly("submit the demo job"):
-            job_id = widgets.submit_job(widgets.demo_config(demo_task))
+            job_id = jobs.submit(forms.demo_config(demo_task), str(where.jobs))
             st.success(f"Submitted job `{job_id}`. Open **Train** to watch its progress.")
 
 st.subheader("Latest runs")
 with widgets.friendly("read the latest runs"):
-    runs = widgets.query("latest_runs", 10)
+    runs = state.query("latest_runs", 10)
     if runs.empty:
         st.info("No runs yet. Start the quick demo above, submit a job on **Train**, or run "
                 "`oppu run --task LaMP_2M --users 4` in a terminal.")
@@ -50,7 +51,7 @@ with widgets.friendly("read the latest runs"):
                      column_config={"created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
                                     "methods": st.column_config.ListColumn()})
         run_id = st.selectbox("Metrics of run", list(runs["run_id"]), key="overview-run")
-        metrics = widgets.run_metrics(run_id)
+        metrics = state.query("run_metrics", run_id)
         if metrics.empty:
             st.info("This run has no metrics yet (it may still be running).")
         else:
