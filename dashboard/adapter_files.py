@@ -7,13 +7,14 @@ and `export_zip` this reuses: `ARTIFACTS/adapters/<task>/<run id>/<user>/<style>
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from oppu.manifest import read_manifest
 
 COLUMNS = ["user_id", "task", "run", "style", "methods", "peft", "items", "final_loss", "size_kib", "created",
            "folder"]
@@ -47,7 +48,7 @@ def list_adapters(artifacts: str | Path) -> pd.DataFrame:
     for entry in find(artifacts):
         for style in entry.styles:
             try:
-                manifest = json.loads((entry.folder / style / "manifest.json").read_text())
+                manifest = read_manifest(entry.folder / style)
             except (OSError, ValueError):
                 continue  # being rewritten by a resumed job; it shows on the next refresh
             rows.append({"user_id": entry.user_id, "task": entry.task, "run": entry.run_id, "style": style,
@@ -73,7 +74,7 @@ def _user_folder(folder: str | Path, artifacts: str | Path):
 def manifests(folder: str | Path, artifacts: str | Path) -> dict[str, dict]:
     """Each prompt style's manifest.json of a user's folder of one run."""
     entry = _user_folder(folder, artifacts)
-    return {style: json.loads((entry.folder / style / "manifest.json").read_text()) for style in entry.styles}
+    return {style: read_manifest(entry.folder / style) for style in entry.styles}
 
 
 def adapter_zip(folder: str | Path, artifacts: str | Path) -> bytes:

@@ -9,13 +9,14 @@ zip holds exactly one user's folder of one run; an import refuses any entry that
 
 from __future__ import annotations
 
-import json
 import shutil
 import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from oppu.manifest import MANIFEST_NAME, read_manifest
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,10 @@ def find(artifacts: str | Path, user_id: str | None = None) -> list[UserAdapters
     """Users' adapter folders under the artifacts folder, newest first (from each manifest)."""
     root = adapters_root(artifacts)
     grouped: dict[Path, dict] = {}
-    for path in sorted(root.rglob("manifest.json")) if root.is_dir() else ():
+    for path in sorted(root.rglob(MANIFEST_NAME)) if root.is_dir() else ():
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue  # a temp folder of an atomic write
-        manifest = json.loads(path.read_text())
+        manifest = read_manifest(path.parent)
         if manifest.get("user_id") is None or (user_id is not None and str(manifest["user_id"]) != user_id):
             continue
         entry = grouped.setdefault(path.parent.parent, {"manifest": manifest, "styles": []})
@@ -92,7 +93,7 @@ def import_zip(zip_path: str | Path, artifacts: str | Path) -> Path:
             if not styles or not all(adapter_complete(d) for d in styles):
                 raise ValueError(f"{zip_path}: not an exported adapter (each style folder needs the PEFT files and "
                                  "manifest.json)")
-            manifest = json.loads((styles[0] / "manifest.json").read_text())
+            manifest = read_manifest(styles[0])
             target = user_adapter_dir(adapters_root(artifacts), str(manifest.get("task", "imported")),
                                       str(manifest.get("run_id", "imported")), str(manifest["user_id"]))
             if target.exists():

@@ -7,7 +7,7 @@ Scope:
   (dequantizing takes ~40 s; the cache loads in a few seconds).
 - `AdapterPool` is ONE `PeftModel` around one base serving many adapters keyed by a safe name per user; the
   official script called `get_peft_model` again for every user, stacking wrappers on the same base.
-- `save_user_adapter` / `read_manifest` write and read a user's adapter folder atomically, with a manifest.
+- `save_user_adapter` writes a user's adapter folder atomically, with its manifest (`oppu.manifest`).
 
 No training or generation here: those live in `train.py` and `generate.py`.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from oppu.config import EMBEDDED_MODEL, ModelConfig, PeftConfig
+from oppu.manifest import MANIFEST_NAME, stamp_created, write_manifest
 from oppu.paths import atomic_folder, file_lock
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ EMBEDDED_PREFIX = "embedded:"
 BASE_ADAPTER = "__base__"
 """Adapter name PEFT understands as 'no adapter' inside a mixed batch."""
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MANIFEST = "manifest.json"
 _CACHE_FORMAT = 2  # bump when the cache layout changes so stale caches are rebuilt
 
 
@@ -403,22 +403,14 @@ def save_user_adapter(pool: AdapterPool, user_id: str, folder: str | os.PathLike
     with atomic_folder(folder) as tmp:
         _write_adapter_files(pool, user_id, tmp)
         # The manifest may name the real user id when the pool key is more specific (one adapter per style).
-        body = {"user_id": user_id, **manifest, "adapter_name": pool.name_of(user_id), "peft_kind": pool.kind,
-                "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (tmp / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True, default=str))
+        write_manifest(tmp, stamp_created({"user_id": user_id, **manifest, "adapter_name": pool.name_of(user_id),
+                                           "peft_kind": pool.kind}))
     return folder
 
 
 def adapter_complete(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
-    return all((folder / f).is_file() for f in (*ADAPTER_FILES, MANIFEST))
-
-
-def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the folder is not a complete OPPU adapter")
-    return json.loads(path.read_text())
+    return all((folder / f).is_file() for f in (*ADAPTER_FILES, MANIFEST_NAME))
 
 
 def items_hash(item_ids: Sequence[str], texts: Sequence[str]) -> str:

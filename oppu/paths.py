@@ -85,7 +85,8 @@ def atomic_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any, default: Any = None) -> None:
+def write_json_atomic(path: str | os.PathLike[str], data: Any, default: Any = None,
+                      sort_keys: bool = False) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file.
 
     `default` is json.dump's fallback for values it cannot encode (e.g. `str` for job records)."""
@@ -94,7 +95,7 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, default: Any = No
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=1, default=default)
+            json.dump(data, fh, ensure_ascii=False, indent=1, default=default, sort_keys=sort_keys)
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -9,7 +9,8 @@ import torch
 
 from oppu.config import METHODS, GenerationConfig, ModelConfig, PeftConfig, RunConfig, TrainConfig
 from oppu.experiment import adapter_folder, adapter_styles, method_style, run_experiment
-from oppu.model import adapter_complete, read_manifest
+from oppu.manifest import read_manifest
+from oppu.model import adapter_complete
 from oppu.store import Store
 
 FAST_USER = TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_length=128)

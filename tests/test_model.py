@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from oppu.config import ModelConfig, PeftConfig
+from oppu.manifest import read_manifest
 from oppu.model import (
     AdapterPool,
     ModelLoadError,
@@ -15,7 +16,6 @@ from oppu.model import (
     chat_end_token,
     eos_token_ids,
     load_model,
-    read_manifest,
     save_user_adapter,
 )
 

@@ -216,11 +216,10 @@ class MultiLora:
         Atomic (a temporary sibling folder renamed into place), so a reader never sees half an adapter; with a
         `manifest`, `manifest.json` is written beside it as `oppu.model.save_user_adapter` does.
         """
-        import time
-
         import peft
         from safetensors.torch import save_file
 
+        from oppu.manifest import stamp_created, write_manifest
         from oppu.paths import atomic_folder
 
         folder = Path(folder)
@@ -232,9 +231,7 @@ class MultiLora:
             config.save_pretrained(str(tmp))
             save_file(self.state_dict(name), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             if manifest is not None:
-                body = {**manifest, "adapter_name": name, "peft_kind": "lora",
-                        "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                (tmp / "manifest.json").write_text(json.dumps(body, indent=1, sort_keys=True, default=str))
+                write_manifest(tmp, stamp_created({**manifest, "adapter_name": name, "peft_kind": "lora"}))
         return folder
 
     # -- routing --

@@ -46,7 +46,7 @@ def test_hostile_user_adapters_are_distinct_folders_that_load_with_peft(hostile_
     from transformers import AutoModelForCausalLM
 
     from oppu.experiment import adapter_folder, method_style
-    from oppu.model import read_manifest
+    from oppu.manifest import read_manifest
 
     cfg = hostile_run.cfg
     style = method_style(cfg, "oppu")
