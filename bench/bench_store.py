@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to PERFORMANCE.md")
     args = parser.parse_args(argv)
 
+    from bench.synthetic import seed_synthetic
     from oppu.store import Store
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.duckdb")
-        seed_ms = _time_ms(lambda: store.seed_synthetic(args.rows))
+        seed_ms = _time_ms(lambda: seed_synthetic(store, args.rows))
         runs = store.runs()
         run_id, task = runs["run_id"].iloc[0], runs["task"].iloc[0]
         user = store.run_users(run_id)["user_id"].iloc[0]
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             "methods_disagree(run, user)": lambda: store.methods_disagree(run_id, user),
             "activity_curve(task, 4)": lambda: store.activity_curve(task, 4),
             "activity_curve(task, 4, run)": lambda: store.activity_curve(task, 4, run_id),
+            "activity_curve(task, 4, lenient)": lambda: store.activity_curve(task, 4, scoring="lenient"),
             "k_sweep(task)": lambda: store.k_sweep(task),
             "peft_comparison(task)": lambda: store.peft_comparison(task),
             "behaviour_shift(task)": lambda: store.behaviour_shift(task),

@@ -231,6 +231,7 @@ def _build(cfg: RunConfig, run_id: str, task, data, store, progress, should_stop
 
 def _run_chunk(ctx: _Context, users: Sequence) -> None:
     """Train the chunk's adapters, answer every method's queries in shared batches, store, free the adapters."""
+    from oppu.metrics import prediction_fields
     from oppu.model import model_key
     from oppu.profiles import build_profiles
 
@@ -254,8 +255,8 @@ def _run_chunk(ctx: _Context, users: Sequence) -> None:
     raws = ctx.bank.generate(ctx.tokenizer, prompts, adapters, cfg.generation,
                              cfg.generation.max_new_tokens or task.max_new_tokens)
     for row, raw in zip(rows, raws, strict=True):
-        row["raw_output"] = raw
-        row["output"] = task.normalize(raw)
+        # the official reading (stripped raw text) and the lenient one (Task.normalize), each with its score
+        row.update(prediction_fields(task.id, row["gold"], raw))
     ctx.store.add_predictions(rows)
     _store_user_metrics(ctx, users, rows, histories)
     for user in users:
@@ -305,13 +306,14 @@ def _query_row(ctx: _Context, user, method: str, query, history: Sequence, profi
 
 
 def _store_user_metrics(ctx: _Context, users: Sequence, rows: Sequence[dict], histories: dict) -> None:
-    from oppu.metrics import score
+    from oppu.metrics import score_both
 
     for user in users:
         for method in ctx.cfg.methods:
             scored = [r for r in rows if r["user_id"] == user.id and r["method"] == method and r["gold"] is not None]
             if not scored:
                 continue  # nothing to score (unlabelled queries): predictions are stored, metrics are not
-            metrics = score(ctx.cfg.task, [r["gold"] for r in scored], [r["output"] for r in scored])
+            metrics = score_both(ctx.cfg.task, [r["gold"] for r in scored], [r["output"] for r in scored],
+                                 [r["lenient_output"] for r in scored])
             ctx.store.add_user_metrics(ctx.run_id, user.id, method, {k: float(v) for k, v in metrics.items()},
                                        len(histories[user.id]))

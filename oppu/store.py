@@ -11,15 +11,20 @@ Writes are idempotent, so a resumed job never duplicates rows: predictions are k
 (run_id, user_id, query_id, method), user metrics by (run_id, user_id, method, metric), training curves by
 (run_id, user_id, stage, step); each batch is delete-then-insert in one transaction.
 
-Every prediction row carries `correct`, a per-row score (1/0 for classification, absolute error for rating,
-ROUGE-L F for generation), so the dashboard's aggregations are plain SQL averages over that column.
+Every prediction row carries both readings of its raw generation (`oppu.metrics`): `output`, the stripped raw
+text the official LaMP evaluation scores, and `lenient_output`, the answer `Task.normalize` recovers from free text;
+and the per-row score of each, `correct` and `lenient_correct` (1/0 for classification, absolute error for
+rating, ROUGE-L F for generation), so the dashboard's aggregations are plain SQL averages over one column. User
+and run metrics keep both sets in one `metric` column: official names (`accuracy`, `MAE`, `rouge-L`) and
+`lenient_`-prefixed ones, so a name alone says how it was scored. Every query defaults to the official scoring.
+
+Schema 1 files (scores of the lenient reading only) are upgraded in place on first open, in one transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import os
 import random
@@ -33,18 +38,19 @@ import duckdb
 if TYPE_CHECKING:  # pandas is imported lazily: the CLI must start fast
     import pandas as pd
 
-SCHEMA_VERSION = 1
-
-# Per-row score stored in `predictions.correct`, by task kind: (name shown to people, lower is better).
-ROW_SCORE: dict[str, tuple[str, bool]] = {
-    "classification": ("accuracy", False),
-    "rating": ("absolute error", True),
-    "generation": ("ROUGE-L", False),
-}
+SCHEMA_VERSION = 2
+"""1: one reading (`output` = `Task.normalize(raw)`). 2: the official and the lenient reading side by side."""
 
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "run_id", "task", "user_id", "query_id", "method", "k", "peft", "retriever", "prompt", "raw_output", "output",
-    "gold", "retrieved_ids", "retrieved_scores", "history_size", "correct", "created")
+    "gold", "retrieved_ids", "retrieved_scores", "history_size", "correct", "created", "lenient_output",
+    "lenient_correct")
+_DERIVED_COLUMNS = ("correct", "created", "lenient_output", "lenient_correct")
+"""Columns `add_predictions` fills itself when a row lacks them."""
+
+# Per-row columns read under each scoring.
+_SCORE_COLUMN = {"official": "correct", "lenient": "lenient_correct"}
+_OUTPUT_COLUMN = {"official": "output", "lenient": "lenient_output"}
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -55,7 +61,7 @@ _SCHEMA = (
         run_id VARCHAR, task VARCHAR, user_id VARCHAR, query_id VARCHAR, method VARCHAR, k INTEGER, peft VARCHAR,
         retriever VARCHAR, prompt VARCHAR, raw_output VARCHAR, output VARCHAR, gold VARCHAR,
         retrieved_ids VARCHAR[], retrieved_scores DOUBLE[], history_size INTEGER, correct DOUBLE,
-        created TIMESTAMP)""",
+        created TIMESTAMP, lenient_output VARCHAR, lenient_correct DOUBLE)""",
     """CREATE TABLE IF NOT EXISTS user_metrics (
         run_id VARCHAR, user_id VARCHAR, method VARCHAR, metric VARCHAR, value DOUBLE, history_size INTEGER,
         created TIMESTAMP)""",
@@ -86,45 +92,20 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def row_score_name(task_id: str) -> tuple[str, bool]:
-    """(name, lower_is_better) of the per-row score stored in `predictions.correct` for this task."""
-    from oppu.tasks import get_task
+def _score_column(scoring: str) -> str:
+    from oppu.metrics import check_scoring
 
-    return ROW_SCORE[get_task(task_id).kind]
-
-
-def row_score(task_id: str, gold: str | None, output: str) -> float | None:
-    """Per-row score of one prediction, exactly as the LaMP metric scores a one-example list (None without gold).
-
-    Classification gives 1/0 (accuracy), rating the absolute error (MAE), generation ROUGE-L F.
-    """
-    if gold is None:
-        return None
-    return _row_score_cached(task_id, str(gold), str(output))
+    return _SCORE_COLUMN[check_scoring(scoring)]
 
 
-# Classification rows repeat few (gold, output) pairs, and scikit-learn's macro-F1 (computed alongside the
-# accuracy) costs milliseconds per call: caching keeps a few hundred rows per write well under a second.
-@functools.lru_cache(maxsize=65536)
-def _row_score_cached(task_id: str, gold: str, output: str) -> float:
-    from oppu.metrics import score
-    from oppu.tasks import get_task
+def _metric_filter(scoring: str | None) -> str:
+    """SQL condition on `metric` selecting one scoring's names (None: every metric)."""
+    from oppu.metrics import LENIENT_PREFIX, check_scoring
 
-    kind = get_task(task_id).kind
-    scores = score(task_id, [gold], [output])
-    for key in _ROW_SCORE_KEYS[kind]:
-        if key in scores:
-            return float(scores[key])
-    raise StoreError(f"oppu.metrics.score({task_id!r}) returned {sorted(scores)}; expected one of "
-                     f"{_ROW_SCORE_KEYS[kind]} for a {kind} task")
-
-
-# Key of `oppu.metrics.score(...)` that gives the per-row score, by task kind (spellings tolerated).
-_ROW_SCORE_KEYS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "acc"),
-    "rating": ("mae", "MAE"),
-    "generation": ("rouge-L", "rougeL", "rouge_l", "rouge-l", "ROUGE-L"),
-}
+    if scoring is None:
+        return "TRUE"
+    like = f"starts_with(metric, '{LENIENT_PREFIX}')"
+    return like if check_scoring(scoring) == "lenient" else f"NOT {like}"
 
 
 class Store:
@@ -215,7 +196,8 @@ class Store:
                     row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is not None:
                     self._check_version(int(row[0]))
-                    return
+                    if int(row[0]) == SCHEMA_VERSION:
+                        return
 
         def create(con: duckdb.DuckDBPyConnection) -> None:
             for statement in _SCHEMA:
@@ -223,8 +205,11 @@ class Store:
             row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-            else:
-                self._check_version(int(row[0]))
+                return
+            found = int(row[0])
+            self._check_version(found)
+            if found < SCHEMA_VERSION:
+                self._upgrade(con, found)
 
         self._write(create)
 
@@ -232,6 +217,19 @@ class Store:
         if found > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {found}, newer than this code ({SCHEMA_VERSION}): "
                              "upgrade oppu or point --db at another file")
+
+    def _upgrade(self, con: duckdb.DuckDBPyConnection, found: int) -> None:
+        """Bring a file of an older schema to SCHEMA_VERSION inside the caller's transaction."""
+        try:
+            if found < 2:
+                _upgrade_1_to_2(con)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+        except (duckdb.Error, ValueError, KeyError) as err:
+            raise StoreError(
+                f"could not upgrade {self.path} from schema {found} to {SCHEMA_VERSION} "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); the file is "
+                "unchanged. Keep a copy of it and point --db (or OPPU_DB) at a new file; the old file still opens "
+                "with the oppu version that wrote it") from err
 
     # -- writes ----------------------------------------------------------------------------------------------
     def create_run(self, run_id: str, config: dict[str, Any], task: str, model: str, data_fingerprint: str,
@@ -257,7 +255,9 @@ class Store:
     def add_predictions(self, rows: list[dict[str, Any]]) -> int:
         """Insert prediction rows, replacing any stored row with the same (run_id, user_id, query_id, method).
 
-        `correct` is computed with `row_score` when a row lacks it. Returns the number of rows written.
+        A row without `lenient_output` gets `oppu.metrics.lenient_output(task, raw_output)`; a missing `correct` /
+        `lenient_correct` is computed with `oppu.metrics.row_score` from `output` / `lenient_output`. Rows from
+        the experiment carry all four (`oppu.metrics.prediction_fields`). Returns the number of rows written.
         """
         if not rows:
             return 0
@@ -291,7 +291,8 @@ class Store:
 
     def add_user_metrics(self, run_id: str, user_id: str, method: str, metrics: dict[str, float],
                          history_size: int) -> None:
-        """Replace the metrics of one user under one method (written last for a user: it marks the user done)."""
+        """Replace the metrics of one user under one method (written last for a user: it marks the user done).
+        `metrics` holds official and `lenient_` names alike (`oppu.metrics.score_both`)."""
         now = _utcnow()
         values = [(run_id, user_id, method, name, float(value), int(history_size), now)
                   for name, value in metrics.items()]
@@ -305,7 +306,10 @@ class Store:
         self._write(write)
 
     def finish_run(self, run_id: str, metrics_by_method: dict[str, dict[str, float]], status: str = "done") -> None:
-        """Replace the run-level metrics and set the final status (done, failed, cancelled, interrupted)."""
+        """Replace the run-level metrics and set the final status (done, failed, cancelled, interrupted).
+
+        `metrics_by_method` maps method -> metric name -> value, official and `lenient_` names alike (the shape
+        `compute_run_metrics` returns)."""
         values = [(run_id, method, name, float(value))
                   for method, metrics in metrics_by_method.items() for name, value in metrics.items()]
 
@@ -327,15 +331,17 @@ class Store:
             [status, status, _utcnow(), run_id]))
 
     def compute_run_metrics(self, run_id: str) -> dict[str, dict[str, float]]:
-        """Run-level LaMP metrics per method, recomputed from every stored prediction of the run with
-        `oppu.metrics.score` (used when several processes wrote parts of one run, e.g. Ray shares)."""
-        from oppu.metrics import score
+        """Run-level LaMP metrics per method, official and `lenient_` ones, recomputed from every stored
+        prediction of the run with `oppu.metrics.score_both` (also when several processes wrote parts of one run,
+        e.g. Ray shares)."""
+        from oppu.metrics import score_both
 
-        rows = self._read("SELECT task, method, gold, output FROM predictions "
+        rows = self._read("SELECT task, method, gold, output, lenient_output FROM predictions "
                           "WHERE run_id = ? AND gold IS NOT NULL ORDER BY method, user_id, query_id", [run_id])
         result: dict[str, dict[str, float]] = {}
         for (task, method), group in rows.groupby(["task", "method"], sort=True):
-            result[method] = {k: float(v) for k, v in score(task, list(group["gold"]), list(group["output"])).items()}
+            metrics = score_both(task, list(group["gold"]), list(group["output"]), list(group["lenient_output"]))
+            result[method] = {k: float(v) for k, v in metrics.items()}
         return result
 
     # -- reads used by the core ------------------------------------------------------------------------------
@@ -355,15 +361,17 @@ class Store:
         """Every run, newest first, with its config as a JSON string."""
         return self._read("SELECT * FROM runs ORDER BY created DESC, run_id")
 
-    def run_metrics(self, run_id: str) -> pd.DataFrame:
-        """Columns: method, metric, value."""
-        return self._read("SELECT method, metric, value FROM run_metrics WHERE run_id = ? ORDER BY method, metric",
-                          [run_id])
+    def run_metrics(self, run_id: str, scoring: str | None = "official") -> pd.DataFrame:
+        """Columns: method, metric, value. One scoring's metrics (`lenient` ones keep their `lenient_` names), or
+        every metric with `scoring=None`."""
+        return self._read(f"SELECT method, metric, value FROM run_metrics WHERE run_id = ? "
+                          f"AND {_metric_filter(scoring)} ORDER BY method, metric", [run_id])
 
-    def user_metrics(self, run_id: str) -> pd.DataFrame:
-        """Columns: user_id, method, metric, value, history_size."""
-        return self._read("SELECT user_id, method, metric, value, history_size FROM user_metrics "
-                          "WHERE run_id = ? ORDER BY user_id, method, metric", [run_id])
+    def user_metrics(self, run_id: str, scoring: str | None = "official") -> pd.DataFrame:
+        """Columns: user_id, method, metric, value, history_size; `scoring` as in `run_metrics`."""
+        return self._read(f"SELECT user_id, method, metric, value, history_size FROM user_metrics "
+                          f"WHERE run_id = ? AND {_metric_filter(scoring)} ORDER BY user_id, method, metric",
+                          [run_id])
 
     def prediction_count(self, run_id: str | None = None) -> int:
         sql = "SELECT count(*) AS n FROM predictions" + (" WHERE run_id = ?" if run_id is not None else "")
@@ -383,40 +391,43 @@ class Store:
                       coalesce(c.methods, []) AS methods
                FROM recent r LEFT JOIN counts c USING (run_id) ORDER BY r.created DESC, r.run_id""", [int(limit)])
 
-    def run_users(self, run_id: str) -> pd.DataFrame:
+    def run_users(self, run_id: str, scoring: str = "official") -> pd.DataFrame:
         """One row per user and method of a run. Columns: user_id, method, history_size, n (predictions),
-        score (mean per-row score, see `row_score_name`)."""
+        score (mean per-row score under `scoring`, see `oppu.metrics.row_score_name`)."""
         return self._read(
-            """SELECT user_id, method, max(history_size) AS history_size, count(*) AS n, avg(correct) AS score
-               FROM predictions WHERE run_id = ? GROUP BY user_id, method ORDER BY user_id, method""", [run_id])
+            f"""SELECT user_id, method, max(history_size) AS history_size, count(*) AS n,
+                       avg({_score_column(scoring)}) AS score
+                FROM predictions WHERE run_id = ? GROUP BY user_id, method ORDER BY user_id, method""", [run_id])
 
     def predictions_for(self, run_id: str, user_id: str) -> pd.DataFrame:
         """Every stored prediction of one user in one run, all methods, ordered for a side-by-side view."""
         return self._read(
-            """SELECT query_id, method, output, gold, correct, raw_output, prompt, retrieved_ids, retrieved_scores,
-                      k, peft, retriever, history_size
+            """SELECT query_id, method, output, gold, correct, lenient_output, lenient_correct, raw_output, prompt,
+                      retrieved_ids, retrieved_scores, k, peft, retriever, history_size
                FROM predictions WHERE run_id = ? AND user_id = ? ORDER BY query_id, method""", [run_id, user_id])
 
-    def methods_disagree(self, run_id: str, user_id: str) -> pd.DataFrame:
-        """Queries of one user where the methods' outputs differ. Columns: query_id, gold, n_distinct, then one
-        output column per method (named by the method) and one `<method> score` column per method."""
+    def methods_disagree(self, run_id: str, user_id: str, scoring: str = "official") -> pd.DataFrame:
+        """Queries of one user where the methods' answers (under `scoring`) differ. Columns: query_id, gold,
+        n_distinct, then one answer column per method (named by the method) and one `<method> score` column."""
+        correct, output = _score_column(scoring), _OUTPUT_COLUMN[scoring]
         with self._connect(write=False) as con:
             methods = [r[0] for r in con.execute(
                 "SELECT DISTINCT method FROM predictions WHERE run_id = ? AND user_id = ? ORDER BY method",
                 [run_id, user_id]).fetchall()]
             pivot_cols, params = [], []
             for m in methods:
-                pivot_cols.append(f"max(output) FILTER (WHERE method = ?) AS {_quote_ident(m)}")
-                pivot_cols.append(f"max(correct) FILTER (WHERE method = ?) AS {_quote_ident(m + ' score')}")
+                pivot_cols.append(f"max({output}) FILTER (WHERE method = ?) AS {_quote_ident(m)}")
+                pivot_cols.append(f"max({correct}) FILTER (WHERE method = ?) AS {_quote_ident(m + ' score')}")
                 params += [m, m]
             extra = "".join(", " + c for c in pivot_cols)
             return con.execute(
-                f"""SELECT query_id, max(gold) AS gold, count(DISTINCT output) AS n_distinct{extra}
+                f"""SELECT query_id, max(gold) AS gold, count(DISTINCT {output}) AS n_distinct{extra}
                     FROM predictions WHERE run_id = ? AND user_id = ?
-                    GROUP BY query_id HAVING count(DISTINCT output) > 1 ORDER BY query_id""",
+                    GROUP BY query_id HAVING count(DISTINCT {output}) > 1 ORDER BY query_id""",
                 params + [run_id, user_id]).df()
 
-    def activity_curve(self, task: str, bins: int = 4, run_id: str | None = None) -> pd.DataFrame:
+    def activity_curve(self, task: str, bins: int = 4, run_id: str | None = None,
+                       scoring: str = "official") -> pd.DataFrame:
         """Per-row score per user-activity bin and method (the paper's analysis by history length). Users are
         split into `bins` equal-count bins by history size, over every run of the task or one run.
         Columns: bin (1 = least active), history_min, history_max, method, score, users, n."""
@@ -424,10 +435,11 @@ class Store:
             raise StoreError(f"activity_curve: bins must be >= 1 (got {bins})")
         run_filter = " AND run_id = ?" if run_id is not None else ""
         params: list[Any] = [task] + ([run_id] if run_id is not None else []) + [int(bins)]
+        correct = _score_column(scoring)
         return self._read(
             f"""WITH per_user AS (
-                    SELECT run_id, user_id, method, max(history_size) AS h, sum(correct) AS s, count(*) AS n
-                    FROM predictions WHERE task = ? AND correct IS NOT NULL{run_filter}
+                    SELECT run_id, user_id, method, max(history_size) AS h, sum({correct}) AS s, count(*) AS n
+                    FROM predictions WHERE task = ? AND {correct} IS NOT NULL{run_filter}
                     GROUP BY run_id, user_id, method),
                 users AS (SELECT run_id, user_id, max(h) AS h FROM per_user GROUP BY run_id, user_id),
                 binned AS (SELECT run_id, user_id, h, ntile(?) OVER (ORDER BY h, run_id, user_id) AS bin FROM users)
@@ -436,46 +448,49 @@ class Store:
                 FROM per_user p JOIN binned b USING (run_id, user_id)
                 GROUP BY b.bin, p.method ORDER BY b.bin, p.method""", params)
 
-    def k_sweep(self, task: str) -> pd.DataFrame:
+    def k_sweep(self, task: str, scoring: str = "official") -> pd.DataFrame:
         """Score against the number of retrieved items, for the methods that retrieve.
         Columns: method, personal (adapter or not), k, score, n, runs."""
         from oppu.config import METHODS
 
         retrieving = [m for m, method in METHODS.items() if method.retrieval]
         personal = [m for m, method in METHODS.items() if method.adapter]
+        correct = _score_column(scoring)
         return self._read(
-            """SELECT method, list_contains(?, method) AS personal, k, avg(correct) AS score, count(*) AS n,
-                      count(DISTINCT run_id) AS runs
-               FROM predictions WHERE task = ? AND list_contains(?, method) AND correct IS NOT NULL
-               GROUP BY method, k ORDER BY method, k""", [personal, task, retrieving])
+            f"""SELECT method, list_contains(?, method) AS personal, k, avg({correct}) AS score, count(*) AS n,
+                       count(DISTINCT run_id) AS runs
+                FROM predictions WHERE task = ? AND list_contains(?, method) AND {correct} IS NOT NULL
+                GROUP BY method, k ORDER BY method, k""", [personal, task, retrieving])
 
-    def peft_comparison(self, task: str) -> pd.DataFrame:
+    def peft_comparison(self, task: str, scoring: str = "official") -> pd.DataFrame:
         """Score per PEFT kind (LoRA, IA3, prompt tuning) for the methods with a personal adapter.
         Columns: peft, method, score, n, runs."""
         from oppu.config import METHODS
 
         personal = [m for m, method in METHODS.items() if method.adapter]
+        correct = _score_column(scoring)
         return self._read(
-            """SELECT peft, method, avg(correct) AS score, count(*) AS n, count(DISTINCT run_id) AS runs
-               FROM predictions WHERE task = ? AND list_contains(?, method) AND correct IS NOT NULL
-               GROUP BY peft, method ORDER BY peft, method""", [task, personal])
+            f"""SELECT peft, method, avg({correct}) AS score, count(*) AS n, count(DISTINCT run_id) AS runs
+                FROM predictions WHERE task = ? AND list_contains(?, method) AND {correct} IS NOT NULL
+                GROUP BY peft, method ORDER BY peft, method""", [task, personal])
 
-    def behaviour_shift(self, task: str) -> pd.DataFrame:
+    def behaviour_shift(self, task: str, scoring: str = "official") -> pd.DataFrame:
         """Score per history cut-off date (the run config's `history_cutoff`; '' = full history) and method.
         Columns: history_cutoff, method, score, n, runs."""
-        return self._by_config_field(task, "$.history_cutoff", "history_cutoff")
+        return self._by_config_field(task, "$.history_cutoff", "history_cutoff", scoring)
 
-    def history_format(self, task: str) -> pd.DataFrame:
+    def history_format(self, task: str, scoring: str = "official") -> pd.DataFrame:
         """Score per history format of retrieved items (`full` or `text_only`) and method.
         Columns: history_format, method, score, n, runs."""
-        return self._by_config_field(task, "$.history_format", "history_format")
+        return self._by_config_field(task, "$.history_format", "history_format", scoring)
 
-    def _by_config_field(self, task: str, json_path: str, column: str) -> pd.DataFrame:
+    def _by_config_field(self, task: str, json_path: str, column: str, scoring: str) -> pd.DataFrame:
         # aggregate the big table per run first, then join the few runs for their config field
+        correct = _score_column(scoring)
         return self._read(
             f"""WITH per_run AS (
-                    SELECT run_id, method, sum(correct) AS s, count(*) AS n
-                    FROM predictions WHERE task = ? AND correct IS NOT NULL GROUP BY run_id, method)
+                    SELECT run_id, method, sum({correct}) AS s, count(*) AS n
+                    FROM predictions WHERE task = ? AND {correct} IS NOT NULL GROUP BY run_id, method)
                 SELECT coalesce(json_extract_string(r.config, ?), '') AS {_quote_ident(column)}, p.method,
                        sum(p.s) / sum(p.n) AS score, sum(p.n) AS n, count(DISTINCT p.run_id) AS runs
                 FROM per_run p JOIN runs r USING (run_id)
@@ -497,80 +512,101 @@ class Store:
                       (SELECT count(*) FROM train_curves) AS train_points""")
         return {k: int(v) for k, v in df.iloc[0].items()}
 
-    # -- synthetic data for benchmarks -----------------------------------------------------------------------
-    def seed_synthetic(self, n_rows: int, runs: int = 40, users_per_run: int = 100, seed: int = 0) -> None:
-        """Fill the store with `n_rows` synthetic predictions spread over `runs` runs of all LaMP tasks, with
-        configs varying k, PEFT kind, history format and cut-off, so every dashboard query has work to do.
-        Built with INSERT ... SELECT over range(): a million rows take seconds."""
-        from oppu.config import METHODS
-        from oppu.tasks import TASKS
 
-        tasks = list(TASKS)
-        methods = list(METHODS)
-        peft_kinds = ["lora", "ia3", "prompt"]
-        run_rows = []
-        for i in range(runs):
-            task = tasks[i % len(tasks)]
-            config = {"task": task, "methods": methods, "retrieval": {"k": [0, 1, 2, 4][i % 4]},
-                      "user_peft": {"kind": peft_kinds[i % 3]},
-                      "history_format": "text_only" if i % 5 == 0 else "full",
-                      "history_cutoff": "2020-01-01" if i % 7 == 0 else None, "seed": seed}
-            run_rows.append((f"synthetic-{seed}-{i:04d}", _utcnow(), _utcnow(), "done", task, "synthetic",
-                             "synthetic", None, json.dumps(config), "synthetic", "synthetic"))
-        per_run = max(1, n_rows // runs)
+def _upgrade_1_to_2(con: duckdb.DuckDBPyConnection) -> None:
+    """Schema 1 stored `output = Task.normalize(raw)` and scored that: it becomes the lenient reading, and the
+    official one is recomputed from `raw_output`. Stored user and run metrics were lenient too: they are renamed
+    `lenient_*`, and their official twins are recomputed from the upgraded predictions."""
+    import pyarrow as pa
 
-        def write(con: duckdb.DuckDBPyConnection) -> None:
-            con.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", run_rows)
-            con.execute(
-                """INSERT INTO predictions (run_id, task, user_id, query_id, method, k, peft, retriever, prompt,
-                                            raw_output, output, gold, retrieved_ids, retrieved_scores,
-                                            history_size, correct, created)
-                   SELECT r.run_id, r.task, 'u' || (i % ?) AS user_id, 'q' || (i // ?) AS query_id,
-                          (?)[1 + i % ?] AS method,
-                          CAST(json_extract(r.config, '$.retrieval.k') AS INTEGER),
-                          json_extract_string(r.config, '$.user_peft.kind'), 'bm25',
-                          'synthetic prompt ' || i, 'raw ' || (i % 15), 'label ' || (i % 15), 'label ' || (i % 13),
-                          ['p' || (i % 97)], [1.0 / (1 + i % 7)], 5 + (hash(r.run_id, i % ?) % 500)::INTEGER,
-                          CASE WHEN hash(i, r.run_id) % 3 = 0 THEN 1.0 ELSE 0.0 END, ?
-                   FROM (SELECT run_id, task, config FROM runs WHERE tag = 'synthetic' AND run_id LIKE ?) r,
-                        range(?) t(i)""",
-                [users_per_run, users_per_run * len(methods), methods, len(methods), users_per_run, _utcnow(),
-                 f"synthetic-{seed}-%", per_run])
-            con.execute(
-                """INSERT INTO train_curves
-                   SELECT r.run_id, 'u' || (i // 20), 'oppu:plain', 1 + i % 20, 3.0 / (1 + i % 20), ?
-                   FROM (SELECT run_id FROM runs WHERE run_id LIKE ?) r, range(?) t(i)""",
-                [_utcnow(), f"synthetic-{seed}-%", users_per_run * 20])
+    from oppu.metrics import LENIENT_PREFIX, official_output, row_score, score
 
-        self._write(write)
+    con.execute("ALTER TABLE predictions ADD COLUMN lenient_output VARCHAR")
+    con.execute("ALTER TABLE predictions ADD COLUMN lenient_correct DOUBLE")
+    con.execute("UPDATE predictions SET lenient_output = output, lenient_correct = correct")
+    # Scored once per distinct (task, gold, raw output): synthetic stores repeat few of them.
+    distinct = con.execute("SELECT DISTINCT task, gold, raw_output FROM predictions "
+                           "WHERE raw_output IS NOT NULL").fetchall()
+    official: dict[str, list[Any]] = {"task": [], "gold": [], "raw_output": [], "output": [], "correct": []}
+    for task, gold, raw in distinct:
+        output = official_output(raw)
+        try:
+            correct = row_score(task, gold, output)
+        except ValueError:  # an unscorable gold (e.g. a LaMP_3 gold that is not a number): no score
+            correct = None
+        for key, value in zip(official, (task, gold, raw, output, correct)):
+            official[key].append(value)
+    con.register("official_readings", pa.table(official, schema=pa.schema(
+        [(c, pa.float64() if c == "correct" else pa.string()) for c in official])))
+    con.execute("""UPDATE predictions SET output = o.output, correct = o.correct FROM official_readings o
+                   WHERE predictions.task = o.task AND predictions.gold IS NOT DISTINCT FROM o.gold
+                     AND predictions.raw_output = o.raw_output""")
+    con.unregister("official_readings")
+
+    for table in ("user_metrics", "run_metrics"):
+        con.execute(f"UPDATE {table} SET metric = ? || metric WHERE NOT starts_with(metric, ?)",
+                    [LENIENT_PREFIX, LENIENT_PREFIX])
+    now = _utcnow()
+    users = con.execute("SELECT DISTINCT run_id, user_id, method, max(history_size) FROM user_metrics "
+                        "GROUP BY ALL").fetchall()
+    for run_id, user_id, method, history_size in users:
+        for name, value in _official_metrics(con, "run_id = ? AND user_id = ? AND method = ?",
+                                             [run_id, user_id, method], score).items():
+            con.execute("INSERT INTO user_metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [run_id, user_id, method, name, value, history_size, now])
+    for run_id, method in con.execute("SELECT DISTINCT run_id, method FROM run_metrics").fetchall():
+        for name, value in _official_metrics(con, "run_id = ? AND method = ?", [run_id, method], score).items():
+            con.execute("INSERT INTO run_metrics VALUES (?, ?, ?, ?)", [run_id, method, name, value])
+
+
+def _official_metrics(con: duckdb.DuckDBPyConnection, where: str, params: list[Any], score: Any
+                      ) -> dict[str, float]:
+    rows = con.execute(f"SELECT task, gold, output FROM predictions WHERE {where} AND gold IS NOT NULL",
+                       params).fetchall()
+    if not rows:
+        return {}
+    try:
+        return {k: float(v) for k, v in score(rows[0][0], [r[1] for r in rows], [r[2] for r in rows]).items()}
+    except ValueError:
+        return {}
 
 
 def _predictions_table(rows: list[dict[str, Any]]) -> Any:
     """Prediction dicts -> a typed Arrow table (explicit list types: lists of ids and scores may be empty)."""
     import pyarrow as pa
 
-    missing = [c for c in PREDICTION_COLUMNS if c not in ("correct", "created") and c not in rows[0]]
+    from oppu.metrics import lenient_output, row_score
+
+    missing = [c for c in PREDICTION_COLUMNS if c not in _DERIVED_COLUMNS and c not in rows[0]]
     if missing:
-        raise StoreError(f"add_predictions: rows lack keys {missing}; each row needs {list(PREDICTION_COLUMNS[:-2])}")
+        required = [c for c in PREDICTION_COLUMNS if c not in _DERIVED_COLUMNS]
+        raise StoreError(f"add_predictions: rows lack keys {missing}; each row needs {required}")
     now = _utcnow()
     columns: dict[str, list[Any]] = {c: [] for c in PREDICTION_COLUMNS}
     for row in rows:
-        correct = row.get("correct")
-        if correct is None:
-            correct = row_score(row["task"], row["gold"], row["output"])
+        row = dict(row)
+        if row.get("lenient_output") is None:
+            row["lenient_output"] = (None if row["raw_output"] is None
+                                     else lenient_output(row["task"], row["raw_output"]))
+        for score_col, output_col in (("correct", "output"), ("lenient_correct", "lenient_output")):
+            if row.get(score_col) is None and row[output_col] is not None:
+                row[score_col] = row_score(row["task"], row["gold"], row[output_col])
+        row["created"] = now
         for c in PREDICTION_COLUMNS:
-            if c == "correct":
-                columns[c].append(None if correct is None else float(correct))
+            value = row.get(c)
+            if c in ("correct", "lenient_correct"):
+                columns[c].append(None if value is None else float(value))
             elif c == "created":
-                columns[c].append(now)
-            elif c in ("retrieved_ids",):
-                columns[c].append([str(x) for x in (row[c] or [])])
-            elif c in ("retrieved_scores",):
-                columns[c].append([float(x) for x in (row[c] or [])])
+                columns[c].append(value)
+            elif c == "retrieved_ids":
+                columns[c].append([str(x) for x in (value or [])])
+            elif c == "retrieved_scores":
+                columns[c].append([float(x) for x in (value or [])])
             elif c in ("k", "history_size"):
-                columns[c].append(None if row[c] is None else int(row[c]))
+                columns[c].append(None if value is None else int(value))
             else:
-                columns[c].append(None if row[c] is None else str(row[c]))
-    types = {"k": pa.int32(), "history_size": pa.int32(), "correct": pa.float64(), "created": pa.timestamp("us"),
-             "retrieved_ids": pa.list_(pa.string()), "retrieved_scores": pa.list_(pa.float64())}
+                columns[c].append(None if value is None else str(value))
+    types = {"k": pa.int32(), "history_size": pa.int32(), "correct": pa.float64(), "lenient_correct": pa.float64(),
+             "created": pa.timestamp("us"), "retrieved_ids": pa.list_(pa.string()),
+             "retrieved_scores": pa.list_(pa.float64())}
     return pa.table({c: pa.array(columns[c], type=types.get(c, pa.string())) for c in PREDICTION_COLUMNS})

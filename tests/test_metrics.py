@@ -8,7 +8,19 @@ import pytest
 from rouge_score import rouge_scorer
 from sklearn.metrics import f1_score
 
-from oppu.metrics import match_by_id, rating_scores, score
+from oppu.metrics import (
+    ROW_SCORE_KEY,
+    match_by_id,
+    metric_name,
+    official_output,
+    prediction_fields,
+    rating_scores,
+    row_score,
+    row_score_name,
+    score,
+    score_both,
+    scoring_of,
+)
 from oppu.tasks import get_task
 
 
@@ -87,3 +99,58 @@ def test_match_by_id_names_missing_extra_and_duplicates():
         match_by_id([{"id": "1", "output": "a"}, {"id": "1", "output": "b"}], [])
     with pytest.raises(ValueError, match='"id" and "output"'):
         match_by_id([{"id": "1"}], [])
+
+
+# -- the two readings of a raw generation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", ["comedy.", "tag: comedy", "Comedy", " comedy, because it is funny\n"])
+def test_a_label_with_extra_text_is_wrong_officially_and_right_leniently(raw):
+    fields = prediction_fields("LaMP_2M", "comedy", raw)
+    assert fields["output"] == raw.strip() and fields["correct"] == 0.0
+    assert fields["lenient_output"] == "comedy" and fields["lenient_correct"] == 1.0
+    both = score_both("LaMP_2M", ["comedy"], [fields["output"]], [fields["lenient_output"]])
+    assert both["accuracy"] == 0.0 and both["lenient_accuracy"] == 1.0
+
+
+def test_official_reading_only_strips():
+    assert official_output("  comedy \n") == "comedy"
+    assert official_output("comedy\nand more") == "comedy\nand more"  # no first-line cut, unlike normalize
+    assert prediction_fields("LaMP_2M", "comedy", " comedy\n")["correct"] == 1.0
+
+
+@pytest.mark.parametrize(("gold", "far_end"), [("4", 1.0), ("2", 5.0), ("3", 5.0)])
+def test_a_rating_with_words_is_the_farther_end_officially(gold, far_end):
+    fields = prediction_fields("LaMP_3", gold, "4 stars")
+    assert fields["output"] == "4 stars" and fields["correct"] == abs(far_end - float(gold))
+    assert fields["lenient_output"] == "4" and fields["lenient_correct"] == abs(4 - float(gold))
+    both = score_both("LaMP_3", [gold], ["4 stars"], ["4"])
+    assert both["MAE"] == abs(far_end - float(gold)) and both["lenient_MAE"] == abs(4 - float(gold))
+
+
+@pytest.mark.parametrize(("task", "gold", "output"), [
+    ("LaMP_2M", "comedy", " comedy "), ("LaMP_2M", "comedy", "drama"), ("LaMP_1", "[2]", "[2]"),
+    ("LaMP_3", "4", "2"), ("LaMP_3", "1", "not a number"), ("LaMP_3", "5", "inf"),
+    ("LaMP_4", "a b c d", "a b x y"), ("LaMP_7", "lol fixed the sink", "")])
+def test_row_score_is_the_metric_of_a_one_example_list(task, gold, output):
+    key = ROW_SCORE_KEY[get_task(task).kind]
+    assert row_score(task, gold, output) == pytest.approx(score(task, [gold], [output])[key])
+
+
+def test_row_score_without_gold_and_known_values():
+    assert row_score("LaMP_2M", None, "comedy") is None
+    assert row_score("LaMP_3", "1", "not a number") == 4.0  # unparsable: the farther of 1 and 5
+    assert row_score("LaMP_4", "a b c d", "a b x y") == pytest.approx(0.5)
+
+
+def test_row_score_names_follow_the_task_kind_and_scoring():
+    assert row_score_name("LaMP_1") == ("accuracy", False)
+    assert row_score_name("LaMP_3") == ("absolute error", True)
+    assert row_score_name("LaMP_7") == ("ROUGE-L", False)
+    assert row_score_name("LaMP_2M", "lenient") == ("lenient accuracy", False)
+    with pytest.raises(ValueError, match="official, lenient"):
+        row_score_name("LaMP_2M", "strict")
+
+
+def test_metric_names_of_each_scoring():
+    assert metric_name("rouge-L") == "rouge-L" and metric_name("rouge-L", "lenient") == "lenient_rouge-L"
+    assert scoring_of("lenient_MAE") == "lenient" and scoring_of("MAE") == "official"

@@ -8,7 +8,8 @@ import time
 import duckdb
 import pytest
 
-from oppu.store import SCHEMA_VERSION, Store, StoreError, row_score, row_score_name
+from bench.synthetic import seed_synthetic
+from oppu.store import SCHEMA_VERSION, Store, StoreError
 
 
 def _row(run_id="r1", user="u1", query="q1", method="none", output="comedy", gold="comedy", correct=1.0, **kw):
@@ -155,25 +156,11 @@ def test_dashboard_aggregations_on_known_data(store):
 
 def test_seed_synthetic_fills_requested_rows(tmp_path):
     s = Store(tmp_path / "bench.duckdb")
-    s.seed_synthetic(7000, runs=7)
+    seed_synthetic(s, 7000, runs=7)
     counts = s.counts()
     assert counts["predictions"] == 7000 and counts["runs"] == 7 and counts["tasks"] == 7
     assert counts["train_points"] == 7 * 100 * 20
     assert not s.k_sweep("LaMP_2M").empty and not s.activity_curve("LaMP_4").empty
-
-
-@pytest.mark.parametrize(("task", "gold", "output", "expected"), [
-    ("LaMP_2M", "comedy", " comedy ", 1.0), ("LaMP_2M", "comedy", "drama", 0.0),
-    ("LaMP_3", "4", "2", 2.0), ("LaMP_3", "1", "not a number", 4.0),  # unparsable: the farther of 1 and 5
-    ("LaMP_4", "a b c d", "a b x y", 0.5), ("LaMP_2M", None, "comedy", None)])
-def test_row_score_matches_the_lamp_metric_on_one_example(task, gold, output, expected):
-    assert row_score(task, gold, output) == (None if expected is None else pytest.approx(expected))
-
-
-def test_row_score_names_follow_the_task_kind():
-    assert row_score_name("LaMP_1") == ("accuracy", False)
-    assert row_score_name("LaMP_3") == ("absolute error", True)
-    assert row_score_name("LaMP_7") == ("ROUGE-L", False)
 
 
 def test_missing_correct_is_computed_and_run_metrics_recomputed(store):
@@ -183,3 +170,158 @@ def test_missing_correct_is_computed_and_run_metrics_recomputed(store):
     assert got["q1"] == 1.0 and got["q2"] == 0.0 and got.isna()["q3"]
     metrics = store.compute_run_metrics("r1")
     assert metrics["none"]["accuracy"] == 0.5  # the unlabelled query is left out
+    assert metrics["none"]["lenient_accuracy"] == 0.5
+
+
+# -- official and lenient readings -------------------------------------------------------------------------------
+
+def _raw_row(query, raw, gold="comedy", method="none", user="u1"):
+    """A row as the experiment writes it: the raw generation with both readings and both scores."""
+    from oppu.metrics import prediction_fields
+
+    row = _row(query=query, gold=gold, method=method, user=user)
+    row.update(prediction_fields("LaMP_2M", gold, raw))
+    return row
+
+
+def test_round_trip_keeps_both_readings_and_scores(store):
+    store.add_predictions([_raw_row("q1", "comedy."), _raw_row("q2", " comedy\n"), _raw_row("q3", "tag: comedy")])
+    got = store.predictions_for("r1", "u1").set_index("query_id")
+    assert list(got["output"]) == ["comedy.", "comedy", "tag: comedy"]
+    assert list(got["correct"]) == [0.0, 1.0, 0.0]
+    assert list(got["lenient_output"]) == ["comedy"] * 3 and list(got["lenient_correct"]) == [1.0] * 3
+    assert got.loc["q1", "raw_output"] == "comedy."
+    metrics = store.compute_run_metrics("r1")["none"]
+    assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["lenient_accuracy"] == 1.0
+    assert store.run_users("r1").set_index("method").loc["none", "score"] == pytest.approx(1 / 3)
+    assert store.run_users("r1", scoring="lenient").set_index("method").loc["none", "score"] == 1.0
+    with pytest.raises(ValueError, match="unknown scoring"):
+        store.run_users("r1", scoring="strict")
+
+
+def test_a_row_without_the_lenient_reading_gets_it_from_the_raw_output(store):
+    store.add_predictions([_row(query="q1", raw_output="Tag: Comedy.", output="Tag: Comedy.", correct=None)])
+    got = store.predictions_for("r1", "u1").iloc[0]
+    assert got["correct"] == 0.0 and got["lenient_output"] == "comedy" and got["lenient_correct"] == 1.0
+
+
+def test_queries_default_to_the_official_score_and_offer_the_lenient_one(store):
+    store.add_predictions([_raw_row("q1", "comedy", method="oppu"), _raw_row("q2", "comedy.", method="oppu"),
+                           _raw_row("q1", "comedy.", method="none"), _raw_row("q2", "drama", method="none")])
+    assert store.activity_curve("LaMP_2M", bins=1).set_index("method")["score"].to_dict() == {
+        "none": 0.0, "oppu": 0.5}
+    assert store.activity_curve("LaMP_2M", bins=1, scoring="lenient").set_index("method")["score"].to_dict() == {
+        "none": 0.5, "oppu": 1.0}
+    assert store.peft_comparison("LaMP_2M")["score"].iloc[0] == 0.5
+    assert store.peft_comparison("LaMP_2M", scoring="lenient")["score"].iloc[0] == 1.0
+    assert store.history_format("LaMP_2M", scoring="lenient").set_index("method").loc["none", "score"] == 0.5
+    # officially "comedy." differs from "comedy"; leniently both read "comedy" and only q2 disagrees
+    assert list(store.methods_disagree("r1", "u1")["query_id"]) == ["q1", "q2"]
+    lenient = store.methods_disagree("r1", "u1", scoring="lenient")
+    assert list(lenient["query_id"]) == ["q2"] and list(lenient["oppu"]) == ["comedy"]
+
+
+def test_run_and_user_metrics_filter_by_scoring(store):
+    both = {"accuracy": 0.25, "f1": 0.2, "lenient_accuracy": 0.75, "lenient_f1": 0.7}
+    store.finish_run("r1", {"none": both})
+    store.add_user_metrics("r1", "u1", "none", both, history_size=3)
+    assert sorted(store.run_metrics("r1")["metric"]) == ["accuracy", "f1"]
+    assert sorted(store.run_metrics("r1", "lenient")["metric"]) == ["lenient_accuracy", "lenient_f1"]
+    assert len(store.run_metrics("r1", scoring=None)) == 4
+    assert store.user_metrics("r1").set_index("metric").loc["accuracy", "value"] == 0.25
+    assert store.user_metrics("r1", "lenient").set_index("metric").loc["lenient_accuracy", "value"] == 0.75
+
+
+# -- upgrading a schema 1 file -----------------------------------------------------------------------------------
+
+_V1_SCHEMA = (
+    "CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+    """CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, created TIMESTAMP, finished TIMESTAMP, status VARCHAR,
+        task VARCHAR, model VARCHAR, tag VARCHAR, job_id VARCHAR, config JSON, data_fingerprint VARCHAR,
+        code_version VARCHAR)""",
+    """CREATE TABLE predictions (run_id VARCHAR, task VARCHAR, user_id VARCHAR, query_id VARCHAR, method VARCHAR,
+        k INTEGER, peft VARCHAR, retriever VARCHAR, prompt VARCHAR, raw_output VARCHAR, output VARCHAR,
+        gold VARCHAR, retrieved_ids VARCHAR[], retrieved_scores DOUBLE[], history_size INTEGER, correct DOUBLE,
+        created TIMESTAMP)""",
+    """CREATE TABLE user_metrics (run_id VARCHAR, user_id VARCHAR, method VARCHAR, metric VARCHAR, value DOUBLE,
+        history_size INTEGER, created TIMESTAMP)""",
+    "CREATE TABLE run_metrics (run_id VARCHAR, method VARCHAR, metric VARCHAR, value DOUBLE)",
+    """CREATE TABLE train_curves (run_id VARCHAR, user_id VARCHAR, stage VARCHAR, step INTEGER, loss DOUBLE,
+        created TIMESTAMP)""",
+)
+
+
+def _v1_file(path, schema=_V1_SCHEMA):
+    """A schema 1 store as the old code wrote it: `output` = normalize(raw), scored leniently."""
+    con = duckdb.connect(str(path))
+    for statement in schema:
+        con.execute(statement)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute("INSERT INTO runs (run_id, task, status, config) VALUES ('old', 'LaMP_3', 'done', '{}')")
+    for query, raw, output, gold, err in (("q1", "4 stars", "4", "4", 0.0), ("q2", " 2\n", "2", "2", 0.0)):
+        con.execute("INSERT INTO predictions (run_id, task, user_id, query_id, method, raw_output, output, gold, "
+                    "history_size, correct) VALUES ('old', 'LaMP_3', 'u1', ?, 'none', ?, ?, ?, 5, ?)",
+                    [query, raw, output, gold, err])
+    for name in ("MAE", "RMSE"):
+        con.execute("INSERT INTO user_metrics VALUES ('old', 'u1', 'none', ?, 0.0, 5, NULL)", [name])
+        con.execute("INSERT INTO run_metrics VALUES ('old', 'none', ?, 0.0)", [name])
+    con.close()
+
+
+def test_a_schema_1_file_is_upgraded_to_both_readings(tmp_path):
+    path = tmp_path / "old.duckdb"
+    _v1_file(path)
+    store = Store(path)
+    got = store.predictions_for("old", "u1").set_index("query_id")
+    # "4 stars" officially: unparsable -> the farther of 1 and 5 from gold 4 -> 1.0, error 3
+    assert got.loc["q1", "output"] == "4 stars" and got.loc["q1", "correct"] == 3.0
+    assert got.loc["q2", "output"] == "2" and got.loc["q2", "correct"] == 0.0
+    assert list(got["lenient_output"]) == ["4", "2"] and list(got["lenient_correct"]) == [0.0, 0.0]
+    run = store.run_metrics("old").set_index("metric")["value"]
+    assert run["MAE"] == 1.5 and run["RMSE"] == pytest.approx((9 / 2) ** 0.5)
+    assert store.run_metrics("old", "lenient").set_index("metric")["value"].to_dict() == {
+        "lenient_MAE": 0.0, "lenient_RMSE": 0.0}
+    users = store.user_metrics("old", scoring=None).set_index("metric")
+    assert users.loc["MAE", "value"] == 1.5 and users.loc["lenient_MAE", "value"] == 0.0
+    assert users.loc["MAE", "history_size"] == 5
+    assert store.done_users("old") == set()  # the config names no methods; nothing is marked done by accident
+    Store(path)  # a second open finds schema 2 and changes nothing
+    assert len(Store(path).user_metrics("old", scoring=None)) == 4
+    con = duckdb.connect(str(path), read_only=True)
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    con.close()
+
+
+def test_a_failed_upgrade_leaves_the_file_unchanged_and_says_what_to_do(tmp_path):
+    path = tmp_path / "broken.duckdb"
+    broken = tuple(s.replace("raw_output VARCHAR, ", "") for s in _V1_SCHEMA)  # a file without raw outputs
+    con = duckdb.connect(str(path))
+    for statement in broken:
+        con.execute(statement)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.close()
+    with pytest.raises(StoreError, match=r"could not upgrade .* from schema 1 to 2.*point --db"):
+        Store(path)
+    con = duckdb.connect(str(path), read_only=True)
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+    assert "lenient_output" not in {r[0] for r in con.execute("DESCRIBE predictions").fetchall()}
+    con.close()
+
+
+# -- oppu results --------------------------------------------------------------------------------------------------
+
+def test_oppu_results_shows_the_official_metric_unless_asked(store, capsys):
+    from oppu.__main__ import main
+
+    store.add_predictions([_raw_row("q1", "comedy."), _raw_row("q2", "comedy")])
+    store.finish_run("r1", store.compute_run_metrics("r1"))
+    assert main(["results", "--db", store.path]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "0.5000" in out and "lenient_" not in out
+    assert main(["results", "--db", store.path, "--scoring", "lenient", "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert runs[0]["scoring"] == "lenient" and runs[0]["metrics"]["none"]["lenient_accuracy"] == 1.0
+    assert "accuracy" not in runs[0]["metrics"]["none"]
+    assert main(["results", "--db", store.path, "--scoring", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "lenient_accuracy" in out and "accuracy" in out
