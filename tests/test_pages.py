@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from oppu.config import method_label
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("overview", "data_explorer", "train", "compare", "analyses", "adapters")
 METHODS = ("none", "rag", "oppu", "oppu+rag")
+LABELS = {m: method_label(m) for m in METHODS}  # what tables and legends show
 RUN_ID = "run-test-0001"
 
 
@@ -160,21 +163,21 @@ def test_overview_lists_the_run_and_its_metrics(populated, tiny_task_data):
     n_predictions = sum(len(u.queries) for u in tiny_task_data.test_users) * len(METHODS)
     assert at.metric[1].value == "1" and at.metric[2].value == str(n_predictions)
     chart = plotly_charts(at)[0]
-    assert {t.name for t in chart.data} == {"OPPU", "OPPU + RAG", "RAG (retrieval only)", "Non-personalized"}
+    assert {t.name for t in chart.data} == set(LABELS.values())
 
 
 def test_compare_shows_methods_side_by_side_and_filters_to_disagreements(populated, tiny_task_data):
     at = page("compare", user="alice")
     table = at.dataframe[0].value
     alice = tiny_task_data.user("alice")
-    assert list(table.columns[:5]) == ["query", "input", "gold", "OPPU", "RAG (retrieval only)"]
+    assert list(table.columns[:5]) == ["query", "input", "gold", LABELS["oppu"], LABELS["oppu+rag"]]
     assert list(table["query"]) == [q.id for q in alice.queries]
     from oppu.tasks import get_task
 
     # the query's own text (the description), not the instruction boilerplate nor the prompt
     assert list(table["input"]) == [get_task("LaMP_2M").query_text(q.input) for q in alice.queries]
-    assert all(cell.startswith("✓") for cell in table["OPPU"])
-    assert all(cell.startswith("✗") for cell in table["Non-personalized"])
+    assert all(cell.startswith("✓") for cell in table[LABELS["oppu"]])
+    assert all(cell.startswith("✗") for cell in table[LABELS["none"]])
     # retrieved items carry their text from the user's history and their score
     retrieved = at.dataframe[1].value
     assert retrieved.iloc[0]["id"] == alice.history[0].id and retrieved.iloc[0]["score"] == 1.5
@@ -235,7 +238,7 @@ def test_analyses_draw_every_figure_with_downloads(populated):
     assert titles == ["Performance by user activity (Fig. 3)", "Number of retrieved items (Fig. 4)", "PEFT type",
                       "Behaviour shift", "History format"]
     k_fig = charts[1]
-    assert {t.name for t in k_fig.data} == {"RAG (retrieval only)", "OPPU + RAG"}
+    assert {t.name for t in k_fig.data} == {LABELS["rag"], LABELS["oppu+rag"]}
     # one stored run: every sweep but activity (3 users in 3 bins) has a single setting, so each offers its sweep
     shortcuts = sorted(b.key for b in at.button if b.label == "Run this analysis")
     assert shortcuts == ["run-behaviour-shift", "run-history-format", "run-k", "run-peft"]
@@ -251,10 +254,10 @@ def test_analyses_draw_every_figure_with_downloads(populated):
 def test_run_this_analysis_submits_the_sweep(env, monkeypatch):
     """The shortcut builds the sweep with oppu.analyses and submits one job per run (the submission is recorded
     here instead of starting workers)."""
-    from dashboard import widgets
+    from oppu import jobs
 
     submitted = []
-    monkeypatch.setattr(widgets, "submit_job", lambda cfg: submitted.append(cfg) or f"job-{len(submitted)}")
+    monkeypatch.setattr(jobs, "submit", lambda cfg, root: submitted.append(cfg) or f"job-{len(submitted)}")
     at = page("analyses")
     next(b for b in at.button if b.key == "run-k").click().run()
     assert [c.retrieval.k for c in submitted] == [0, 1, 2, 4, 8]
@@ -264,10 +267,10 @@ def test_run_this_analysis_submits_the_sweep(env, monkeypatch):
 
 
 def test_quick_demo_button_submits_a_small_job(env, monkeypatch):
-    from dashboard import widgets
+    from oppu import jobs
 
     submitted = []
-    monkeypatch.setattr(widgets, "submit_job", lambda cfg: submitted.append(cfg) or "job-demo")
+    monkeypatch.setattr(jobs, "submit", lambda cfg, root: submitted.append(cfg) or "job-demo")
     at = page("overview")
     next(b for b in at.button if b.label == "Run the quick demo experiment").click().run()
     (cfg,) = submitted
@@ -293,6 +296,69 @@ def test_train_page_lists_jobs_and_form_rejects_bad_input(populated):
     at.button[0].click()
     at.run()
     assert "no methods given" in at.error[0].value
+
+
+def test_train_form_starts_from_the_run_defaults_and_submits_them(env, monkeypatch):
+    """Untouched, the form submits RunConfig()'s own settings; its methods are the paper's rows by label."""
+    from oppu import jobs
+    from oppu.config import METHODS, RunConfig
+
+    submitted = []
+    monkeypatch.setattr(jobs, "submit", lambda cfg, root: submitted.append(cfg) or "job-form")
+    defaults = RunConfig()
+    at = page("train")
+    assert at.number_input(key="train-n").value == defaults.users
+    assert at.number_input(key="train-epochs").value == defaults.user_train.epochs
+    assert at.number_input(key="train-lr").value == defaults.user_train.lr
+    assert at.number_input(key="train-rank").value == defaults.user_peft.r
+    assert at.number_input(key="train-k").value == defaults.retrieval.k
+    assert at.selectbox(key="train-peft").value == defaults.user_peft.kind
+    assert at.selectbox(key="train-retriever").value == defaults.retrieval.retriever
+    assert at.checkbox(key="train-adapt").value == defaults.task_adaptation
+    picker = at.multiselect(key="train-methods")
+    assert tuple(picker.value) == defaults.methods
+    assert picker.options == [method_label(m) for m in METHODS]
+    assert "oppu+rag+pag" not in METHODS
+
+    at.number_input(key="train-rank").set_value(4)
+    at.button[0].click()
+    at.run()
+    (cfg,) = submitted
+    assert cfg.user_train == defaults.user_train and cfg.retrieval == defaults.retrieval
+    assert cfg.methods == defaults.methods and cfg.users == defaults.users and cfg.batching == defaults.batching
+    assert (cfg.user_peft.r, cfg.user_peft.alpha) == (4, 4)  # alpha follows the rank, as `oppu run --rank`
+    assert cfg.db == str(env["OPPU_DB"]) and cfg.artifacts_dir == str(env["OPPU_ARTIFACTS"])
+    assert "Submitted job `job-form`" in at.success[0].value
+
+
+def test_train_form_errors_name_the_form_field_not_a_cli_flag(env, monkeypatch):
+    at = page("train")
+    at.number_input(key="train-n").set_value(0)
+    at.button[0].click()
+    at.run()
+    message = at.error[0].value
+    assert at.number_input(key="train-n").label in message  # "N most active"
+    assert "users must be >= 1" in message and "user_ids" not in message and "--" not in message
+
+    # a core message that suggests a CLI flag reads as the form field that sets it
+    from dashboard import forms
+    from oppu.config import ConfigError
+
+    real = forms.build_config
+
+    def strict(preset=None, overrides=None, base=None):
+        if (overrides or {}).get("retrieval.k") == 3:
+            raise ConfigError("k = 3 is not supported here: pass --k 1 or --k 2")
+        return real(preset, overrides, base)
+
+    monkeypatch.setattr(forms, "build_config", strict)
+    at.number_input(key="train-n").set_value(2)
+    at.number_input(key="train-k").set_value(3)
+    at.button[0].click()
+    at.run()
+    message = at.error[0].value
+    label = at.number_input(key="train-k").label
+    assert message.startswith(f"Not submitted: **{label}**:") and "--k" not in message
 
 
 def test_adapters_page_lists_exports_and_deletes_after_confirmation(populated):
@@ -352,8 +418,8 @@ def test_train_form_submits_a_real_job_whose_answers_show_on_compare(env, monkey
     user = compare.selectbox(key="compare-user").value
     assert user == tiny_task_data.most_active(1)[0].id
     assert list(table["query"]) == [q.id for q in tiny_task_data.user(user).queries]
-    assert {"OPPU", "RAG (retrieval only)", "OPPU + RAG", "Non-personalized"} <= set(table.columns)
-    assert all(isinstance(cell, str) and cell for cell in table["OPPU"])
+    assert set(LABELS.values()) <= set(table.columns)
+    assert all(isinstance(cell, str) and cell for cell in table[LABELS["oppu"]])
 
     adapters = page("adapters").dataframe[0].value
     assert set(adapters["user_id"]) == {u.id for u in tiny_task_data.most_active(2)}
@@ -361,9 +427,9 @@ def test_train_form_submits_a_real_job_whose_answers_show_on_compare(env, monkey
 
 
 def _card_script():
-    from dashboard import widgets
+    from dashboard import jobs_view
 
-    widgets.job_card({"id": "20240101-000000-abcdef", "state": "running", "task": "LaMP_2M", "stage": "train_user",
+    jobs_view.job_card({"id": "20240101-000000-abcdef", "state": "running", "task": "LaMP_2M", "stage": "train_user",
                       "user_index": 2, "users_total": 4, "users_done": 1, "step": 3, "elapsed_s": 65, "eta_s": 130,
                       "losses": [{"step": 1, "loss": 2.0, "user_id": "alice"},
                                  {"step": 2, "loss": 1.5, "user_id": "alice"}]})
