@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="benchmarks: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
     parser.add_argument("names", nargs="*", default=[], metavar="NAME",
                         help=f"which to run (default: all of {', '.join(BENCHES)})")
-    parser.add_argument("--no-report", action="store_true", help="do not append to docs/PERFORMANCE.md")
+    parser.add_argument("--no-report", action="store_true", help="do not append to the dated log in docs/bench-log/")
     args = parser.parse_args(argv)
     names = args.names or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]

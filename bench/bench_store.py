@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_store", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--no-write", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not append to the dated log in docs/bench-log/")
     args = parser.parse_args(argv)
 
     from bench.synthetic import seed_synthetic

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=None,
                         help="history items per user (default: RunConfig().user_train.max_examples)")
     parser.add_argument("--epochs", type=int, default=None, help="default: RunConfig().user_train.epochs")
-    parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    parser.add_argument("--no-report", action="store_true", help="print only; do not append to the dated log in docs/bench-log/")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     apply_device_argument(args)

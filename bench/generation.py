@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="rows per batch for both batched paths")
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of every path, order alternating; the fastest run of each is reported")
-    parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    parser.add_argument("--no-report", action="store_true", help="print only; do not append to the dated log in docs/bench-log/")
     parser.add_argument("--profile", action="store_true",
                         help="also run the multi-LoRA path once under torch.profiler and report its top operators")
     add_device_argument(parser)

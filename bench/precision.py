@@ -36,7 +36,7 @@ def best_time(fn, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    parser.add_argument("--no-report", action="store_true", help="print only; do not append to the dated log in docs/bench-log/")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     apply_device_argument(args)

@@ -31,7 +31,7 @@ print(time.perf_counter() - t)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__.split("\n")[0])
-    parser.add_argument("--no-report", action="store_true", help="print only; do not append to PERFORMANCE.md")
+    parser.add_argument("--no-report", action="store_true", help="print only; do not append to the dated log in docs/bench-log/")
     args = parser.parse_args(argv)
 
     import os
