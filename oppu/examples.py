@@ -6,6 +6,10 @@ target pairs, in the same prompt shape at training and at inference.
 - A prompt for a retrieval style holds k retrieved EARLIER items of the same user (earlier by date when both
   dates are known, else earlier in the history list, as the official code did), and the profile for profile
   styles: train and test prompts have the same shape.
+- Retrieval queries are built as OPPU builds them (`Task.retrieval_query`, `Task.history_query`): a query's
+  instruction + text, and for a history item its OWN text, since an example's input may hold none (LaMP_7).
+- Task adaptation (`adaptation_examples`) follows `task_LoRA.py`: other users' gold-labelled queries only, one
+  prompt style per task-adapted base, retrieving from that user's own history.
 - `trained_items` is what a manifest records: the ids and hash of the items an adapter saw.
 
 No model, tokenizer or I/O here.
@@ -60,12 +64,23 @@ def _earlier(history: Sequence[Any], index: int) -> list[Any]:
     return out
 
 
+def _with_instruction(retriever: Retriever | None) -> bool:
+    return bool(getattr(retriever, "query_instruction", True))
+
+
 def build_prompt(task, input_text: str, style: PromptStyle, candidates: Sequence[Any],
-                 retriever: Retriever | None, profile: str | None, before: str | None = None) -> tuple[str, list]:
-    """(prompt, retrieved [(item, score)]) for one input under a prompt style. Never sees a gold answer."""
+                 retriever: Retriever | None, profile: str | None, before: str | None = None,
+                 query: str | None = None) -> tuple[str, list]:
+    """(prompt, retrieved [(item, score)]) for one input under a prompt style. Never sees a gold answer.
+
+    The retriever matches `query` when given (a history item's `Task.history_query`), else the input's
+    `Task.retrieval_query`, with the task's instruction when the retriever takes one.
+    """
     retrieved: list = []
     if style.retrieval and style.k > 0 and retriever is not None and candidates:
-        retrieved = retriever.retrieve(task.query_text(input_text), candidates, style.k, before=before)
+        if query is None:
+            query = task.retrieval_query(input_text, _with_instruction(retriever))
+        retrieved = retriever.retrieve(query, candidates, style.k, before=before)
     prompt = task.prompt(input_text, retrieved=[item for item, _ in retrieved],
                          profile=profile if style.profile else None, text_only=style.text_only)
     return prompt, retrieved
@@ -86,44 +101,34 @@ def user_examples(task, history: Sequence[Any], style: PromptStyle, retriever: R
         usable = sorted(by_recency[-max_examples:], key=lambda x: x[0])
     examples = []
     for index, (input_text, target) in usable:
-        prompt, retrieved = build_prompt(task, input_text, style,
-                                         _earlier(history, index) if style.retrieval else (), retriever, profile)
+        query = task.history_query(history[index], _with_instruction(retriever))
+        prompt, retrieved = build_prompt(task, input_text, style, _earlier(history, index) if style.retrieval else (),
+                                         retriever, profile, query=query)
         examples.append(Example(prompt, target, str(history[index].id),
                                 tuple(str(item.id) for item, _ in retrieved)))
     return examples
 
 
-def adaptation_examples(task, users: Sequence[Any], styles: Sequence[PromptStyle], retriever: Retriever | None,
+def adaptation_examples(task, users: Sequence[Any], style: PromptStyle, retriever: Retriever | None,
                         seed: int, max_examples: int | None) -> list[Example]:
-    """Task adaptation data: other users' history items and gold-labelled queries, in each prompt style.
+    """Task adaptation data for ONE prompt style, as `task_LoRA.py` builds it: the other users' queries with
+    their gold outputs (never their history items as targets), each prompt retrieving from THAT user's history
+    (items dated before the query) when the style retrieves, and holding that user's profile when the style
+    has one and the data carries it.
 
-    The sample is drawn (seeded) before prompts are built, so retrieval only runs for the examples kept. A user's
-    profile is used for profile styles when the data carries one; otherwise the example is plain.
+    With `max_examples`, a seeded sample of the queries is drawn before prompts are built, so retrieval only
+    runs for the examples kept.
     """
-    slots = []  # (user index, "item"|"query", index, style)
-    for u, user in enumerate(users):
-        for style in styles:
-            slots += [(u, "item", i, style) for i in range(len(user.history))]
-            slots += [(u, "query", i, style) for i, q in enumerate(user.queries) if q.gold]
-    rng = random.Random(seed)
+    slots = [(u, i) for u, user in enumerate(users) for i, q in enumerate(user.queries) if str(q.gold or "").strip()]
     if max_examples is not None and len(slots) > max_examples:
-        slots = rng.sample(slots, max_examples)
+        slots = sorted(random.Random(seed).sample(slots, max_examples))
     examples = []
-    for u, kind, i, style in slots:
-        user = users[u]
-        if kind == "item":
-            pair = task.history_example(user.history[i])
-            if pair is None:
-                continue
-            candidates, before, source = _earlier(user.history, i), None, user.history[i].id
-            input_text, target = pair
-        else:
-            query = user.queries[i]
-            candidates, before, source = user.history, query.date, query.id
-            input_text, target = query.input, query.gold
-        prompt, _ = build_prompt(task, input_text, style, candidates if style.retrieval else (), retriever,
-                                 user.profile_text, before)
-        examples.append(Example(prompt, target, f"{user.id}/{source}"))
+    for u, i in slots:
+        user, query = users[u], users[u].queries[i]
+        prompt, retrieved = build_prompt(task, query.input, style, user.history if style.retrieval else (),
+                                         retriever, user.profile_text, before=query.date)
+        examples.append(Example(prompt, query.gold, f"{user.id}/{query.id}",
+                                tuple(f"{user.id}/{item.id}" for item, _ in retrieved)))
     return examples
 
 

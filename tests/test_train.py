@@ -7,13 +7,12 @@ import math
 import pytest
 
 from oppu.config import PeftConfig, TrainConfig
-from oppu.examples import Example, PromptStyle, adaptation_examples, user_examples
+from oppu.examples import Example, PromptStyle, user_examples
 from oppu.model import AdapterPool
 from oppu.retrieval import get_retriever
 from oppu.tasks import get_task
 from oppu.train import (
     StopRequested,
-    adapt_task,
     answer_end_ids,
     encode_example,
     train_user,
@@ -113,44 +112,6 @@ def test_should_stop_raises_between_steps(tiny_model, tiny_users):
 
     with pytest.raises(StopRequested, match="step 2"):
         train_user(pool, tok, TASK, tiny_users[1][0], PromptStyle(), PeftConfig(), FAST, should_stop=stop)
-
-
-def test_adaptation_examples_are_bounded_seeded_and_from_other_users(tiny_users):
-    train, _ = tiny_users
-    styles = [PromptStyle(), RAG]
-    retriever = get_retriever("bm25", TASK.format_item)
-    a = adaptation_examples(TASK, train, styles, retriever, seed=1, max_examples=10)
-    b = adaptation_examples(TASK, train, styles, retriever, seed=1, max_examples=10)
-    assert a == b and len(a) == 10
-    assert {e.source_id.split("/")[0] for e in a} <= {u.id for u in train}
-    everything = adaptation_examples(TASK, train, [PromptStyle()], None, seed=0, max_examples=None)
-    assert len(everything) == sum(len(u.history) + len(u.queries) for u in train)
-
-
-def test_adapt_task_is_cached_and_merged(tiny_model_dir, tiny_users, tmp_path):
-    import torch
-
-    from oppu.config import ModelConfig
-    from oppu.model import load_model
-
-    train, _ = tiny_users
-    kwargs = {"model_name": "tiny", "data_fingerprint": "fp", "retriever": None}
-    peft_cfg = PeftConfig(target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=8, max_length=128, max_examples=16)
-    model, tok = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
-    original = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    first = adapt_task(model, tok, TASK, train, [PromptStyle()], peft_cfg, cfg, tmp_path, **kwargs)
-    assert not first.cached and first.curve and type(first.model).__name__ == "LlamaForCausalLM"
-    merged = first.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    assert not torch.equal(original, merged)
-    model2, _ = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
-    second = adapt_task(model2, tok, TASK, train, [PromptStyle()], peft_cfg, cfg, tmp_path, **kwargs)
-    assert second.cached and second.folder == first.folder
-    assert torch.allclose(second.model.model.layers[0].self_attn.q_proj.weight, merged, atol=1e-6)
-    model3, _ = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
-    other = adapt_task(model3, tok, TASK, train, [PromptStyle()], peft_cfg, cfg, tmp_path,
-                       model_name="tiny", data_fingerprint="changed", retriever=None)
-    assert not other.cached and other.folder != first.folder  # new data, new adapter
 
 
 def test_sampled_examples_and_manifest_items_cover_targets_and_context(tiny_model, tiny_users):
