@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts
+from dashboard import charts, tables
 
 QUERY_TTL_S = 3
 
@@ -123,18 +123,19 @@ def _as_list(value) -> list:
     return [] if value is None or isinstance(value, float) else list(value)
 
 
-def disagreeing(run_id: str, user_id: str) -> set[str]:
-    """Query ids where the stored methods give different answers (computed in DuckDB)."""
-    frame = query("methods_disagree", run_id, user_id)
+def disagreeing(run_id: str, user_id: str, scoring: str = "official") -> set[str]:
+    """Query ids where the stored methods give different answers under `scoring` (computed in DuckDB)."""
+    frame = query("methods_disagree", run_id, user_id, scoring)
     return set() if frame.empty else set(frame["query_id"].astype(str))
 
 
-def method_summary(preds: pd.DataFrame, task: str) -> list[tuple[str, str, str]]:
-    """(method, mean per-row score as text, what the score is) per method, in the dashboard's method order."""
+def method_summary(preds: pd.DataFrame, task: str, scoring: str = "official") -> list[tuple[str, str, str]]:
+    """(method, mean per-row score under `scoring` as text, what the score is) per method, in the dashboard's
+    method order."""
     from oppu.metrics import row_score_name
 
-    name, lower = row_score_name(task)
-    means = preds.groupby("method")["correct"].mean()
+    name, lower = row_score_name(task, scoring)
+    means = preds.groupby("method")[tables.SCORED_COLUMNS[scoring][1]].mean()
     counts = preds["method"].value_counts()
     direction = "lower" if lower else "higher"
     return [(m, "–" if pd.isna(means[m]) else f"{means[m]:.2f}",

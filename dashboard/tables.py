@@ -47,13 +47,20 @@ def mark_style(cell) -> str:
     return _CELL_COLORS.get(str(cell)[:1], "")
 
 
-def side_by_side(predictions: pd.DataFrame, kind: str, methods_first: Sequence[str] = ()) -> pd.DataFrame:
-    """Long predictions (`query_id`, `input`, `gold`, `method`, `output`, `correct` = per-row score) to one row
-    per query with one column per method, labelled for people, `methods_first` (OPPU, retrieval-only) leading."""
+SCORED_COLUMNS: dict[str, tuple[str, str]] = {"official": ("output", "correct"),
+                                              "lenient": ("lenient_output", "lenient_correct")}
+"""(answer, per-row score) columns of a predictions frame under each scoring (see `oppu.metrics.SCORINGS`)."""
+
+
+def side_by_side(predictions: pd.DataFrame, kind: str, methods_first: Sequence[str] = (),
+                 scoring: str = "official") -> pd.DataFrame:
+    """Long predictions (`query_id`, `input`, `gold`, `method`, and the answer and per-row score columns of
+    `scoring`: `output`/`correct` officially, `lenient_output`/`lenient_correct` leniently) to one row per query
+    with one column per method, labelled for people, `methods_first` (OPPU, retrieval-only) leading."""
     if predictions.empty:
         return pd.DataFrame(columns=["query", "input", "gold"])
-    cells = predictions.assign(cell=[mark(o, c, kind) for o, c in zip(predictions["output"],
-                                                                        predictions["correct"])])
+    output, correct = SCORED_COLUMNS[scoring]
+    cells = predictions.assign(cell=[mark(o, c, kind) for o, c in zip(predictions[output], predictions[correct])])
     wide = cells.pivot_table(index="query_id", columns="method", values="cell", aggfunc="first", sort=False)
     present = list(wide.columns)
     methods = list(dict.fromkeys([*[m for m in methods_first if m in present], *sort_methods(present)]))

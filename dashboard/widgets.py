@@ -93,6 +93,24 @@ def pick(label: str, options: list, key: str, url_param: str | None = None, **kw
     return st.selectbox(label, options, index=index, key=key, **kwargs), unknown
 
 
+SCORING_LABELS: dict[str, str] = {"official": "Official (LaMP evaluation)",
+                                  "lenient": "Lenient (answer extracted from free text)"}
+
+
+def scoring_picker(key: str) -> str:
+    """Official LaMP scoring (the default) or the lenient reading of the same answers; the gap between the two is
+    how much of a score is answer extraction. The choice carries over to the other pages."""
+    options = list(SCORING_LABELS)
+    current = st.session_state.get("_scoring", "official")
+    choice = st.radio("Scoring", options, index=options.index(current), key=key, horizontal=True,
+                      format_func=SCORING_LABELS.__getitem__,
+                      help="Official: the stripped raw answer must be exactly a label or a number, as LaMP's "
+                           "evaluation reads it. Lenient: the label or number recovered from free text "
+                           "(\"Comedy.\" -> comedy, \"4 stars\" -> 4).")
+    st.session_state["_scoring"] = choice
+    return choice
+
+
 def run_label(runs: pd.DataFrame):
     """format_func for a run selectbox: "<created> · <tag> · <status>"."""
     info = runs.set_index("run_id")

@@ -426,8 +426,8 @@ class Store:
                     GROUP BY query_id HAVING count(DISTINCT {output}) > 1 ORDER BY query_id""",
                 params + [run_id, user_id]).df()
 
-    def activity_curve(self, task: str, bins: int = 4, run_id: str | None = None,
-                       scoring: str = "official") -> pd.DataFrame:
+    def activity_curve(self, task: str, scoring: str = "official", bins: int = 4,
+                       run_id: str | None = None) -> pd.DataFrame:
         """Per-row score per user-activity bin and method (the paper's analysis by history length). Users are
         split into `bins` equal-count bins by history size, over every run of the task or one run.
         Columns: bin (1 = least active), history_min, history_max, method, score, users, n."""

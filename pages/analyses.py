@@ -10,13 +10,14 @@ from oppu.metrics import row_score_name
 
 st.title("Analyses")
 task = widgets.data_task_picker(key="analyses-task")
-metric, lower = row_score_name(task)
+scoring = widgets.scoring_picker(key="analyses-scoring")
+metric, lower = row_score_name(task, scoring)
 st.caption(f"Every figure scores each stored answer of {task} by {metric} and averages over the runs of the task.")
 tabs = st.tabs([a.title for a in analyses_view.ANALYSES])
 for tab, analysis in zip(tabs, analyses_view.ANALYSES):
     with tab, widgets.friendly(f"show {analysis.title.lower()}"):
         st.caption(analysis.question)
-        frame = state.query(analysis.query, task)
+        frame = state.query(analysis.query, task, scoring)
         if frame.empty or analysis.incomplete(frame):
             what = "No" if frame.empty else "Only one setting of"
             st.info(f"{what} {analysis.title.lower()} results for {task} yet. The shortcut below submits the "

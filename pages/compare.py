@@ -42,8 +42,9 @@ with widgets.friendly("read the stored runs"):
             st.warning(f"The link asks for {what} {value!r}, which this store does not have; showing {shown}.")
 
     preds = state.predictions(run_id, task, user_id)
-    name, lower = row_score_name(task)
-    summary = state.method_summary(preds, task)
+    scoring = widgets.scoring_picker(key="compare-scoring")
+    name, lower = row_score_name(task, scoring)
+    summary = state.method_summary(preds, task, scoring)
     cols = st.columns(max(len(summary), 1))
     for col, (method, value, help_text) in zip(cols, summary):
         col.metric(charts.method_label(method), value, help=help_text)
@@ -51,7 +52,7 @@ with widgets.friendly("read the stored runs"):
 
     only_disagree = st.toggle("Only queries where the methods disagree", key="compare-disagree")
     if only_disagree:
-        preds = preds[preds["query_id"].astype(str).isin(state.disagreeing(run_id, user_id))]
+        preds = preds[preds["query_id"].astype(str).isin(state.disagreeing(run_id, user_id, scoring))]
     if preds.empty:
         st.info("The methods agree on every query of this user." if only_disagree
                 else "No stored answers for this user.")
@@ -63,7 +64,7 @@ with widgets.friendly("read the stored runs"):
     st.subheader(f"Side by side · user {user_id}")
     # the table shows the query's own text; the full input with its instructions is in the details below
     table = tables.side_by_side(preds.assign(input=preds["input"].map(spec.query_text)), spec.kind,
-                                methods_first=charts.METHOD_ORDER)
+                                methods_first=charts.METHOD_ORDER, scoring=scoring)
     answers = [c for c in table.columns if c not in ("query", "input", "gold")]
     st.dataframe(table.style.map(tables.mark_style, subset=answers), hide_index=True, width="stretch",
                  key="side-by-side",

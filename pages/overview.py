@@ -51,8 +51,10 @@ with widgets.friendly("read the latest runs"):
                      column_config={"created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
                                     "methods": st.column_config.ListColumn()})
         run_id = st.selectbox("Metrics of run", list(runs["run_id"]), key="overview-run")
-        metrics = state.query("run_metrics", run_id)
+        scoring = widgets.scoring_picker(key="overview-scoring")
+        metrics = state.query("run_metrics", run_id, scoring)
         if metrics.empty:
             st.info("This run has no metrics yet (it may still be running).")
         else:
-            st.plotly_chart(charts.metric_bars(metrics, title=f"Run {run_id}"), width="stretch")
+            st.plotly_chart(charts.metric_bars(metrics, title=f"Run {run_id} · {widgets.SCORING_LABELS[scoring]}"),
+                            width="stretch")

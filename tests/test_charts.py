@@ -43,7 +43,7 @@ def test_activity_curve_one_line_per_method_in_bin_order():
     df = pd.DataFrame({"bin": [2, 1, 2, 1], "history_min": [20, 3, 20, 3], "history_max": [40, 19, 40, 19],
                        "method": ["oppu", "oppu", "rag", "rag"], "score": [0.8, 0.5, 0.6, 0.55]})
     fig = charts.activity_curve(df, "accuracy")
-    assert [t.name for t in fig.data] == ["OPPU", "RAG (retrieval only)"]  # OPPU first, then retrieval only
+    assert [t.name for t in fig.data] == ["OPPU", charts.method_label("rag")]  # OPPU first, then retrieval only
     oppu = _trace(fig, "OPPU")
     assert list(oppu.x) == ["3–19 items", "20–40 items"] and list(oppu.y) == [0.5, 0.8]
     assert "higher is better" in fig.layout.yaxis.title.text
@@ -52,7 +52,7 @@ def test_activity_curve_one_line_per_method_in_bin_order():
 def test_k_sweep_sorts_by_k_and_states_direction_for_errors():
     df = pd.DataFrame({"method": ["rag", "rag", "oppu+rag"], "k": [4, 1, 1], "score": [0.7, 0.9, 0.5]})
     fig = charts.k_sweep(df, "absolute error", lower_is_better=True)
-    rag = _trace(fig, "RAG (retrieval only)")
+    rag = _trace(fig, charts.method_label("rag"))
     assert list(rag.x) == [1, 4] and list(rag.y) == [0.9, 0.7]
     assert "lower is better" in fig.layout.yaxis.title.text
 
@@ -102,12 +102,21 @@ def _predictions():
 
 def test_side_by_side_one_row_per_query_oppu_and_rag_first():
     table = tables.side_by_side(_predictions(), "classification", methods_first=charts.METHOD_ORDER)
-    assert list(table.columns) == ["query", "input", "gold", "OPPU", "RAG (retrieval only)", "Non-personalized"]
+    assert list(table.columns) == ["query", "input", "gold", "OPPU", charts.method_label("rag"), "Non-personalized"]
     assert list(table["query"]) == ["q1", "q2"]
     first = table.iloc[0]
     assert first["OPPU"] == "✓ comedy" and first["Non-personalized"] == "✗ action" and first["gold"] == "comedy"
     assert "2B8A3E" in tables.mark_style(first["OPPU"]) and "C92A2A" in tables.mark_style(first["Non-personalized"])
     assert tables.mark_style("comedy") == ""
+
+
+def test_side_by_side_shows_the_chosen_scoring():
+    preds = _predictions().assign(output=["Action."] * 6, correct=[0.0] * 6,
+                                  lenient_output=["action"] * 6, lenient_correct=[0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    official = tables.side_by_side(preds, "classification")
+    assert official.iloc[1]["OPPU"] == "✗ Action."  # officially "Action." is no label
+    lenient = tables.side_by_side(preds, "classification", scoring="lenient")
+    assert lenient.iloc[1]["OPPU"] == "✓ action" and lenient.iloc[0]["OPPU"] == "✗ action"
 
 
 def test_marks_for_ratings_and_generation():

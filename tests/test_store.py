@@ -212,6 +212,8 @@ def test_queries_default_to_the_official_score_and_offer_the_lenient_one(store):
         "none": 0.0, "oppu": 0.5}
     assert store.activity_curve("LaMP_2M", bins=1, scoring="lenient").set_index("method")["score"].to_dict() == {
         "none": 0.5, "oppu": 1.0}
+    # the dashboard passes the scoring as the second positional argument of every analysis query
+    assert store.activity_curve("LaMP_2M", "lenient", bins=1)["score"].max() == 1.0
     assert store.peft_comparison("LaMP_2M")["score"].iloc[0] == 0.5
     assert store.peft_comparison("LaMP_2M", scoring="lenient")["score"].iloc[0] == 1.0
     assert store.history_format("LaMP_2M", scoring="lenient").set_index("method").loc["none", "score"] == 0.5
