@@ -16,6 +16,7 @@ import pytest
 
 from oppu import jobs
 from oppu.config import RunConfig
+from oppu.jobs.lifecycle import dead_reason
 from oppu.store import Store
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -355,19 +356,19 @@ def test_liveness_uses_the_process_on_this_host_and_the_heartbeat_elsewhere(tmp_
     os.utime(folder / "heartbeat", (old, old))
     here = {"job_id": folder.name, "state": "running", "host": socket.gethostname()}
     # our own process is alive but is not that job's worker: a reused pid, so the job is dead
-    assert "another process" in jobs._dead_reason({**here, "pid": os.getpid()}, folder)
+    assert "another process" in dead_reason({**here, "pid": os.getpid()}, folder)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", folder.name])
     cmdline = Path(f"/proc/{sleeper.pid}/cmdline")
     deadline = time.monotonic() + 10
     while folder.name.encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
         time.sleep(0.01)  # until the child has exec'd: before that its command line is still ours (forked)
     try:  # a live worker of the job with a late heartbeat is not declared dead (no second worker on resume)
-        assert jobs._dead_reason({**here, "pid": sleeper.pid}, folder) is None
+        assert dead_reason({**here, "pid": sleeper.pid}, folder) is None
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert "is gone" in jobs._dead_reason({**here, "pid": sleeper.pid}, folder)
+    assert "is gone" in dead_reason({**here, "pid": sleeper.pid}, folder)
     elsewhere = {**here, "host": "another-node", "pid": 1}
-    assert "heartbeat" in jobs._dead_reason(elsewhere, folder)
+    assert "heartbeat" in dead_reason(elsewhere, folder)
     (folder / "heartbeat").touch()
-    assert jobs._dead_reason(elsewhere, folder) is None
+    assert dead_reason(elsewhere, folder) is None

@@ -11,6 +11,7 @@ import pytest
 
 from oppu import jobs
 from oppu.config import ModelConfig, RunConfig, TrainConfig
+from oppu.jobs.folder import read_events
 from oppu.store import Store
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -70,7 +71,7 @@ def test_ray_shares_match_the_local_run(ray_session, tiny_model_dir, tiny_data_d
     assert store.runs().set_index("run_id").loc[job_id, "status"] == "done"
     job = jobs.get_job(root, job_id)
     assert job["state"] == "done" and job["users_total"] == 3 and job["progress"] == 1.0
-    assert {e.get("share") for e in jobs._events(root / job_id) if "share" in e} == {0, 1}
+    assert {e.get("share") for e in read_events(root / job_id) if "share" in e} == {0, 1}
 
 
 def test_killed_ray_task_fails_the_job(ray_session, tmp_path, tiny_data_dir):

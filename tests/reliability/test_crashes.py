@@ -23,6 +23,7 @@ import pytest
 
 from oppu import jobs
 from oppu.config import GenerationConfig, ModelConfig, RunConfig, TrainConfig
+from oppu.jobs.folder import read_events
 from oppu.store import Store
 
 from .conftest import ROOT, tree_hash
@@ -65,7 +66,7 @@ def reference(crash_cfg) -> dict:
 
 def _attempt_events(root: Path, job_id: str) -> list[dict]:
     """Progress events of the current attempt only (after the last `started` / `resumed`)."""
-    events = jobs._events(jobs.job_dir(root, job_id))
+    events = read_events(jobs.job_dir(root, job_id))
     start = max((i for i, e in enumerate(events) if e.get("stage") in ("started", "resumed")), default=-1)
     return events[start + 1:]
 

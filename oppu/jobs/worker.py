@@ -1,0 +1,177 @@
+"""The worker: runs one job in its own process (`oppu worker JOB_ID`), keeps its heartbeat, honours cancel.
+
+It resolves the job's runner (`module:function`, by default `oppu.experiment.run_experiment`), creates the run in
+the results store linked to the job, calls the runner with a progress callback that appends to the job's event
+log and a `should_stop` that reads the cancel flag, and records the final state in job.json whatever happens.
+Ray jobs hand their users to `oppu.jobs.ray_backend` instead of calling the runner here.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import importlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from oppu.jobs.folder import (
+    DEFAULT_RUNNER,
+    RUNNER_RE,
+    JobError,
+    append_event,
+    job_dir,
+    read_job,
+    root_lock,
+    write_job,
+)
+from oppu.jobs.lifecycle import pid_alive, reconcile
+from oppu.jobs.progress import progress_event
+
+HEARTBEAT_S = 2.0
+"""How often the worker touches its heartbeat file."""
+CANCEL_GRACE_S = 3.0
+"""After a cancel request, how long the worker lets the runner stop on its own before interrupting it."""
+
+Runner = Callable[..., Any]
+
+
+class _Stopped(BaseException):
+    """Raised in the worker's main thread by SIGTERM or a cancel that the runner did not honour in time."""
+
+
+def resolve_runner(spec: str | None) -> Runner:
+    """`module:function` -> the function (default: `oppu.experiment.run_experiment`)."""
+    spec = spec or DEFAULT_RUNNER
+    if not RUNNER_RE.fullmatch(spec):
+        raise JobError(f"runner {spec!r}: give it as module.path:function")
+    module, name = spec.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise JobError(f"cannot load runner {spec}: {err}") from err
+
+
+class _Heartbeat(threading.Thread):
+    """Touches the heartbeat file; when a cancel was asked and the runner ignores it, interrupts the main thread."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(name="oppu-heartbeat", daemon=True)
+        self.folder = folder
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        interrupted = False
+        while not self.stopped.wait(min(HEARTBEAT_S, 1.0)):
+            with contextlib.suppress(OSError):
+                (self.folder / "heartbeat").touch()
+            try:
+                asked = float((self.folder / "cancel").read_text() or 0)
+            except (OSError, ValueError):
+                continue
+            if not interrupted and time.time() - asked > CANCEL_GRACE_S:
+                interrupted = True
+                _thread.interrupt_main(signal.SIGTERM)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Stopped(f"signal {signum}")
+
+
+def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None = None) -> int:
+    """Run one job in this process (what `oppu worker` executes). Returns the exit code (0 done, 1 failed,
+    2 refused, 3 cancelled or interrupted). `runner` overrides the job's runner (tests)."""
+    from oppu.config import RunConfig
+
+    folder = job_dir(root, job_id)
+    with root_lock(root):
+        job = read_job(root, job_id)
+        other = job.get("pid")
+        if job["state"] == "running" and other not in (None, os.getpid()) and pid_alive(other):
+            print(f"job {job_id} already has a live worker (pid {other}); not starting another", file=sys.stderr)
+            return 2
+        if job["state"] not in ("queued", "running"):
+            print(f"job {job_id} is {job['state']}: resume it with `oppu jobs resume {job_id}`", file=sys.stderr)
+            return 2
+        job.update(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
+                   finished=None, attempts=int(job.get("attempts") or 0) + 1)
+        write_job(folder / "job.json", job)
+    beat = _Heartbeat(folder)
+    beat.start()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    final: dict[str, Any] = {}
+    store = None
+    try:
+        cfg = RunConfig.from_dict(job["config"])
+        run = runner or resolve_runner(job.get("runner"))
+        store = _open_store(cfg, job)
+        append_event(folder, {"stage": "started" if job["attempts"] == 1 else "resumed", "attempt": job["attempts"],
+                               "users_total": len(cfg.user_ids) if cfg.user_ids else cfg.users,
+                               "users_done_before": len(store.done_users(job["run_id"]))})
+        if job["backend"] == "ray":
+            # imported here, not at the top: ray_backend builds on this module
+            from oppu.jobs.ray_backend import run_ray_job
+
+            run_ray_job(job, cfg, folder, store)
+        else:
+            run(cfg, progress=progress_writer(folder), should_stop=cancel_flag(folder), store=store,
+                run_id=job["run_id"], job_id=job["job_id"])
+        if (folder / "cancel").exists():
+            final = {"state": "cancelled"}
+        else:
+            final = {"state": "done"}
+            append_event(folder, {"stage": "done"})
+    except (_Stopped, KeyboardInterrupt) as err:
+        asked = (folder / "cancel").exists()
+        final = {"state": "cancelled" if asked else "interrupted",
+                 "error": None if asked else f"interrupted: worker stopped by {err or 'an interrupt'}"}
+    except BaseException as err:  # noqa: BLE001 - every failure must land in job.json, then the worker exits
+        final = {"state": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        print(final["traceback"], file=sys.stderr)
+    finally:
+        beat.stopped.set()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if store is not None and final.get("state") != "done":
+            with contextlib.suppress(Exception):
+                store.set_status(job["run_id"], final.get("state", "failed"))
+        with root_lock(root):
+            job = read_job(root, job_id)
+            job.update(final, finished=time.time())
+            write_job(folder / "job.json", job)
+            reconcile(root)  # a slot is free: start the next queued job
+    print(f"job {job_id}: {final.get('state')}" + (f" ({final['error']})" if final.get("error") else ""),
+          file=sys.stderr)
+    return {"done": 0, "failed": 1}.get(final.get("state", "failed"), 3)
+
+
+def progress_writer(folder: Path, **extra: Any) -> Callable[..., None]:
+    def progress(*args: Any) -> None:
+        append_event(folder, {**progress_event(*args), **extra})
+
+    return progress
+
+
+def cancel_flag(folder: Path) -> Callable[[], bool]:
+    return lambda: (folder / "cancel").exists()
+
+
+def _open_store(cfg: Any, job: dict[str, Any]) -> Any:
+    """Create the run up front so the store links it to this job (the runner fills in what it learns later)."""
+    from oppu.experiment import code_version, portable_config
+    from oppu.model import model_key
+    from oppu.store import Store
+
+    store = Store(cfg.db)
+    # Same portable config and code version as run_experiment records: the first writer of a run wins.
+    store.create_run(job["run_id"], portable_config(cfg), task=cfg.task, model=model_key(cfg.model),
+                     data_fingerprint="", code_version=code_version(), tag=cfg.tag, job_id=job["job_id"])
+    return store
