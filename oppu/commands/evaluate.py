@@ -1,4 +1,5 @@
-"""`oppu evaluate`: score a predictions file against a golds file exactly as the LaMP evaluation does."""
+"""`oppu evaluate`: score a predictions file against a golds file as the LaMP evaluation does (the differences,
+a plain ROUGE mean and non-finite ratings counted as unparsable, are listed in `oppu.metrics`)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--golds", required=True, help='{"task", "golds": [{"id", "output"}]} or a bare list')
     parser.add_argument("--preds", required=True, help="predictions in the same shape as the golds")
     parser.add_argument("--normalize", action="store_true",
-                        help="map raw generations onto the label set first (task.normalize); off = official")
+                        help="score the lenient reading (a label or digit recovered from free text, as "
+                             "Task.normalize does); default: the official reading, the stripped output")
 
 
 def evaluate_files(task_id: str, golds_path: str, preds_path: str, normalize: bool = False) -> dict[str, float]:
     """The LaMP metrics of a predictions file; ValueError/DataError say what does not match."""
     from oppu.data import read_json
-    from oppu.metrics import match_by_id, score
+    from oppu.metrics import lenient_output, match_by_id, score
     from oppu.tasks import get_task
 
     task = get_task(task_id)
@@ -36,7 +38,7 @@ def evaluate_files(task_id: str, golds_path: str, preds_path: str, normalize: bo
                              f"{type(data).__name__}; fix the file's top level")
     _, gold_outputs, pred_outputs = match_by_id(golds, preds)
     if normalize:
-        pred_outputs = [task.normalize(p) for p in pred_outputs]
+        pred_outputs = [lenient_output(task.id, p) for p in pred_outputs]
     return score(task.id, gold_outputs, pred_outputs)
 
 
