@@ -43,9 +43,10 @@ def _history_format(base: RunConfig, values: Sequence[Any] | None) -> list[RunCo
 def data_cutoffs(base: RunConfig, quantiles: Sequence[float] = CUTOFF_QUANTILES) -> list[str]:
     """Cutoff dates at quantiles of the selected test users' dated history items."""
     from oppu.data import load_task_data
+    from oppu.experiment import select_users
 
     data = load_task_data(base.data_dir, base.task)
-    users = [data.user(u) for u in base.user_ids] if base.user_ids else data.most_active(base.users or 1)
+    users = select_users(data, base)
     dates = sorted(item.date[:10] for user in users for item in user.history if item.date)
     if not dates:
         raise ValueError(f"behaviour-shift needs dated history items and {data.source} has none: pass cutoff "
