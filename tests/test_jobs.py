@@ -178,6 +178,19 @@ def test_failed_runner_records_error_and_traceback(env):
     assert jobs.run_worker(root, job_id, runner=fake_runner) == 2  # a failed job needs resume first
 
 
+def test_job_users_and_code_version_are_the_runs_own(env):
+    from oppu.data import load_task_data
+    from oppu.experiment import code_version, select_users
+
+    root = env / "jobs"
+    most_active = _cfg(env, "steps=1", users=None).replace(users=2)
+    expected = [u.id for u in select_users(load_task_data(most_active.data_dir, most_active.task), most_active)]
+    assert jobs.get_job(root, jobs.submit(most_active, root, start=False))["users"] == expected
+    job_id = jobs.submit(_cfg(env, "steps=1 sleep=0", users=("bob",)), root, start=False)
+    assert jobs.run_worker(root, job_id, runner=fake_runner) == 0
+    assert Store(env / "r.duckdb").runs().iloc[0]["code_version"] == code_version()
+
+
 # -- worker processes --------------------------------------------------------------------------------------------
 def test_submit_shows_progress_then_done(env):
     root = env / "jobs"
