@@ -57,6 +57,11 @@ def method_style(cfg: RunConfig, method: str) -> PromptStyle:
                        k=cfg.retrieval.k if m.retrieval else 0, text_only=cfg.history_format == "text_only")
 
 
+def run_styles(cfg: RunConfig) -> list[PromptStyle]:
+    """Distinct prompt styles of all the run's methods, in method order (one task-adapted base each)."""
+    return list(dict.fromkeys(method_style(cfg, m) for m in cfg.methods))
+
+
 def adapter_styles(cfg: RunConfig) -> list[PromptStyle]:
     """Distinct prompt styles of the methods that use a personal adapter (one adapter each per user)."""
     styles = [method_style(cfg, m) for m in cfg.methods if METHODS[m].adapter]
@@ -138,6 +143,9 @@ class _Context:
     fingerprint: str
     progress: Progress | None
     should_stop: Callable[[], bool] | None
+    bases: Any = None
+    """`oppu.adaptation.TaskBases`: one task-adapted base per prompt style, switched in place; None without
+    task adaptation."""
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -204,33 +212,44 @@ def _pending_users(cfg: RunConfig, run_id: str, users: Sequence, store) -> list:
 
 
 def _build(cfg: RunConfig, run_id: str, task, data, store, progress, should_stop) -> _Context:
+    from oppu.adaptation import TaskBases, adapt_task
     from oppu.banks import make_bank
     from oppu.model import load_model, model_key
     from oppu.retrieval import get_retriever
-    from oppu.train import adapt_task
 
     model, tokenizer = load_model(cfg.model, MODEL_CACHE)
     retriever = get_retriever(cfg.retrieval.retriever,
                               partial(task.format_item, text_only=cfg.history_format == "text_only"))
+    bases = None
     if cfg.task_adaptation and data.train_users:
-        # Every method's prompt style, not only this run's: the task-adapted base is then one cache entry per
-        # task and settings, shared by runs that compare different methods (the sample size stays the same).
-        styles = [method_style(cfg, m) for m in METHODS]
-        result = adapt_task(model, tokenizer, task, data.train_users, list(dict.fromkeys(styles)),
-                            cfg.adaptation_peft, cfg.adaptation_train, cfg.artifacts_dir,
-                            model_name=model_key(cfg.model), data_fingerprint=data.fingerprint,
-                            retriever=retriever, retriever_name=cfg.retrieval.retriever,
-                            progress=progress, should_stop=should_stop)
-        model = result.model
-        store.add_train_curve(run_id, "__task__", "adapt", result.curve)
+        # One task LoRA per prompt style the run asks in (task_LoRA.py trains k=0, k=1 and k=1 + profile
+        # separately); each is cached by task, style and settings, so runs that share a style share its base.
+        folders = {}
+        for style in run_styles(cfg):
+            result = adapt_task(model, tokenizer, task, data.train_users, style, cfg.adaptation_peft,
+                                cfg.adaptation_train, cfg.artifacts_dir, model_name=model_key(cfg.model),
+                                data_fingerprint=data.fingerprint, retriever=retriever,
+                                retriever_name=cfg.retrieval.retriever, progress=progress, should_stop=should_stop)
+            folders[style] = result.folder
+            store.add_train_curve(run_id, "__task__", f"adapt:{style.key}", result.curve)
+        # Captured before the engine wraps the model: the bases switch the same weight tensors in place.
+        bases = TaskBases(model, folders)
     elif cfg.task_adaptation:
         log.warning("no other users in %s: task adaptation skipped", data.source)
     return _Context(cfg, run_id, task, store, tokenizer, make_bank(model, cfg.user_peft, cfg.batching), retriever,
-                    adapter_styles(cfg), data.fingerprint, progress, should_stop)
+                    adapter_styles(cfg), data.fingerprint, progress, should_stop, bases)
+
+
+def _use_base(ctx: _Context, style: PromptStyle | None) -> None:
+    """Put the task-adapted base of this prompt style in place (None: the original model)."""
+    if ctx.bases is not None:
+        ctx.bases.use(style)
 
 
 def _run_chunk(ctx: _Context, users: Sequence) -> None:
-    """Train the chunk's adapters, answer every method's queries in shared batches, store, free the adapters."""
+    """Per prompt style: put that style's task-adapted base in place, train the chunk's adapters of that style,
+    answer the style's methods in shared batches. Then store everything and free the adapters."""
+    from oppu.generate import prompt_budget
     from oppu.metrics import prediction_fields
     from oppu.model import model_key
     from oppu.profiles import build_profiles
@@ -239,21 +258,28 @@ def _run_chunk(ctx: _Context, users: Sequence) -> None:
     histories = {u.id: visible_history(u, cfg.history_cutoff) for u in users}
     profiles: dict[str, str] = {}
     if any(METHODS[m].profile for m in cfg.methods):
+        # Profiles are written by the untuned model, as gen_profile.py writes them with a general LLM.
+        _use_base(ctx, None)
         profiles = build_profiles(users, task, ctx.bank.base, ctx.tokenizer, Path(cfg.artifacts_dir),
                                   model_name=model_key(cfg.model), histories=histories, gen_cfg=cfg.generation)
-    for style in ctx.styles:
-        _train_adapters(ctx, users, style, histories, profiles)
-    rows, prompts, adapters = [], [], []
-    for user in users:
-        for method in cfg.methods:
-            for query in user.queries:
-                row, prompt, adapter = _query_row(ctx, user, method, query, histories[user.id],
-                                                  profiles.get(user.id))
-                rows.append(row)
-                prompts.append(prompt)
-                adapters.append(adapter)
-    raws = ctx.bank.generate(ctx.tokenizer, prompts, adapters, cfg.generation,
-                             cfg.generation.max_new_tokens or task.max_new_tokens)
+    max_new = cfg.generation.max_new_tokens or task.max_new_tokens
+    rows, raws = [], []
+    for style in run_styles(cfg):
+        _use_base(ctx, style)
+        if style in ctx.styles:
+            _train_adapters(ctx, users, style, histories, profiles)
+        prompts, adapters = [], []
+        for user in users:
+            for method in (m for m in cfg.methods if method_style(cfg, m) == style):
+                for query in user.queries:
+                    row, prompt, adapter = _query_row(ctx, user, method, query, histories[user.id],
+                                                      profiles.get(user.id))
+                    rows.append(row)
+                    prompts.append(prompt)
+                    adapters.append(adapter)
+        # Answers see the training cutoff: an adapter meets prompts cut the way its training prompts were.
+        raws += ctx.bank.generate(ctx.tokenizer, prompts, adapters, cfg.generation, max_new,
+                                  prompt_budget(cfg.user_train.max_length, max_new))
     for row, raw in zip(rows, raws, strict=True):
         # the official reading (stripped raw text) and the lenient one (Task.normalize), each with its score
         row.update(prediction_fields(task.id, row["gold"], raw))
