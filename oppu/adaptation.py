@@ -80,6 +80,7 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], style: PromptStyle,
     import peft
     import torch
 
+    from oppu.manifest import stamp_created, write_manifest
     from oppu.model import to_peft_config
     from oppu.paths import atomic_folder, file_lock, safe_component
 
@@ -110,12 +111,11 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], style: PromptStyle,
             # A partial folder from a crashed run is replaced as a whole (we hold the lock).
             with atomic_folder(folder) as tmp:
                 wrapped.save_pretrained(str(tmp))
-                (tmp / "manifest.json").write_text(json.dumps(
+                write_manifest(tmp, stamp_created(
                     {"task": task.id, "model": model_name, "data_fingerprint": data_fingerprint, "key": key,
                      "style": asdict(style), "style_key": style.key, "retriever": retriever_name,
                      "examples": len(examples), "final_loss": curve[-1][1] if curve else None,
-                     "peft": asdict(peft_cfg), "train": asdict(train_cfg), "format": TASK_ADAPTER_FORMAT},
-                    indent=1))
+                     "peft": asdict(peft_cfg), "train": asdict(train_cfg), "format": TASK_ADAPTER_FORMAT}))
         finally:
             # Unload, never merge: the caller's weights stay bit for bit what they were.
             wrapped.unload()
