@@ -21,9 +21,9 @@ Where we differ, and why:
 - ROUGE is the plain mean over examples. The official `evaluate.load("rouge")` reports the middle of a bootstrap
   aggregate (1000 resamples, unseeded), which is close to the mean but changes from call to call; a stored score
   must be reproducible.
-- LaMP_3 predictions "nan", "inf" and "-inf" parse as floats there and make MAE/RMSE nan or inf for the whole set;
-  we count a non-finite value as unparsable (the far-end rule), so one degenerate answer costs one bad example and
-  every score stays finite.
+- LaMP_3 predictions "nan", "inf" and "-inf" parse as floats there, and scikit-learn's MAE/MSE then raise
+  ("Input contains NaN"), so one such answer stops the whole evaluation. We count a non-finite value as
+  unparsable (the far-end rule): it costs one bad example and every score stays finite.
 - Macro-F1 passes `zero_division=0`: the same value scikit-learn gives by default, without its warning.
 - Empty or mismatched golds/predictions raise ValueError naming the fix (the official code asserts on ids).
 - The official `LaMP_2` label list is the movie one (`LaMP_2M`); the news labels come from OPPU's `LaMP_2N`.
