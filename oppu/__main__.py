@@ -1,7 +1,8 @@
 """The `oppu` command line: one table from command names to the core modules that implement them.
 
 Only the module of the command being run is imported, so `oppu --help` and light commands start in well under a
-second instead of paying for torch and transformers.
+second instead of paying for torch and transformers. Every user-facing error (`oppu.errors.OppuError`) a command
+lets through is reported here, in one line on stderr with exit status 2; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from oppu.errors import OppuError
 
 # command -> (module under oppu.commands, one-line help). Each module defines
 # `configure(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int`.
@@ -49,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"oppu {name}", description=COMMANDS[name][1])
     module.configure(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except OppuError as exc:
+        # Bad input or an unusable environment, not a bug: one line in the words the user typed, no traceback.
+        words = " ".join(["oppu", name, *([args.action] if isinstance(getattr(args, "action", None), str) else [])])
+        print(f"{words}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

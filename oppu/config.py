@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from oppu.errors import OppuError
+
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
 PEFT_KINDS = ("lora", "ia3", "prompt")
 RETRIEVERS = ("bm25", "dense", "recency")
 
 
-class ConfigError(ValueError):
+class ConfigError(OppuError, ValueError):
     """A setting is out of range or inconsistent; the message says which one and how to fix it."""
 
 

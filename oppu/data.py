@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from oppu.errors import OppuError
 from oppu.paths import atomic_folder, write_json_atomic
 from oppu.tasks import Task, as_task
 
@@ -41,11 +42,11 @@ _ISO_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?([T ][\d:.+\-Z]*)?$")
 _RESERVED_ITEM_KEYS = ("id", "date")
 
 
-class DataError(ValueError):
+class DataError(OppuError, ValueError):
     """A whole file or folder cannot be used; the one-line message names it and says how to fix it."""
 
 
-class UnknownUserError(KeyError):
+class UnknownUserError(OppuError, KeyError):
     """A user id that the loaded data does not contain; the message names close ids."""
 
     def __str__(self) -> str:

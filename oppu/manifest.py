@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oppu.errors import OppuError
 from oppu.paths import write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(OppuError, ValueError):
     """A manifest that is not a JSON object (a truncated or hand-edited file); the message names the file."""
 
 

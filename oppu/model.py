@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from oppu.config import EMBEDDED_MODEL, ModelConfig, PeftConfig
+from oppu.errors import OppuError
 from oppu.manifest import MANIFEST_NAME, stamp_created, write_manifest
 from oppu.paths import atomic_folder, file_lock
 
@@ -37,7 +38,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _CACHE_FORMAT = 2  # bump when the cache layout changes so stale caches are rebuilt
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(OppuError, RuntimeError):
     """The model could not be found or loaded; the message says what to install or pass instead."""
 
 

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from oppu.errors import OppuError
+
 if TYPE_CHECKING:  # pandas is imported lazily: the CLI must start fast
     import pandas as pd
 
@@ -74,7 +76,7 @@ _LOCK_TIMEOUT_S = 120.0
 _RETRIES = 8
 
 
-class StoreError(RuntimeError):
+class StoreError(OppuError, RuntimeError):
     """The results store could not be used; the message says why and what to do."""
 
 

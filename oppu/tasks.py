@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from oppu.errors import OppuError
+
 Kind = Literal["classification", "rating", "generation"]
 
 # How a history item is cut before it goes into a prompt: OPPU keeps the first 768 whitespace tokens of a
@@ -31,7 +33,7 @@ MAX_ITEM_WORDS = 368
 MAX_QUERY_WORDS = 768
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(OppuError, KeyError):
     """A task id that is not one of the seven LaMP tasks; the message lists the valid ids."""
 
     def __str__(self) -> str:  # KeyError would otherwise print the message with quotes around it

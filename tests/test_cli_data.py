@@ -85,7 +85,8 @@ def test_convert_bad_file_is_one_line_error(tmp_path, capsys):
     bad.write_bytes(b"\xff\xfe garbage")
     rc = main(["data", "convert", "--task", "LaMP_2M", "--questions", str(bad), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 1 and "not UTF-8" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "not UTF-8" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("oppu data convert: error: ")
 
 
 @pytest.fixture
@@ -117,10 +118,10 @@ def test_download_from_a_local_server(tmp_path, lamp_server, capsys):
 
 
 def test_download_missing_file_and_offline_are_clear_errors(tmp_path, lamp_server, capsys):
-    assert main(["data", "download", "--task", "LaMP_3", "--out", str(tmp_path), "--base-url", lamp_server]) == 1
+    assert main(["data", "download", "--task", "LaMP_3", "--out", str(tmp_path), "--base-url", lamp_server]) == 2
     assert "HTTP 404" in capsys.readouterr().err
     assert main(["data", "download", "--task", "LaMP_3", "--out", str(tmp_path), "--base-url",
-                 "http://127.0.0.1:9/"]) == 1
+                 "http://127.0.0.1:9/"]) == 2
     err = capsys.readouterr().err
     assert "cannot download" in err and "by hand" in err
     assert not list((tmp_path / "LaMP_3").glob("*.part"))

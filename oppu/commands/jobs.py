@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from oppu.commands.run import add_run_arguments, config_from_args, usage_errors
+from oppu.commands.run import add_run_arguments, config_from_args
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -70,31 +70,27 @@ def run(args: argparse.Namespace) -> int:
     from oppu import jobs
 
     root = args.root or os.environ.get("OPPU_JOBS", jobs.DEFAULT_ROOT)
-    try:
-        if args.action == "submit":
-            job_id = jobs.submit(config_from_args(args), root, backend=args.backend, address=args.address,
-                                 shares=args.shares, max_workers=args.max_workers)
-            print(job_id)
-            print(f"follow it with: oppu jobs show {job_id}   (or: oppu jobs logs {job_id} --follow)",
-                  file=sys.stderr)
-        elif args.action == "list":
-            for job in jobs.list_jobs(root):
-                print(f"{job['job_id']}  {job['state']:<11} {job.get('task') or '':<8} {progress_line(job, 20)}")
-        elif args.action == "show":
-            job = jobs.get_job(root, args.job_id)
-            print(f"job {job['job_id']} (run {job['run_id']}, backend {job['backend']})")
-            print(progress_line(job))
-            if job.get("error"):
-                print(f"error: {job['error']}")
-        elif args.action == "cancel":
-            print(jobs.cancel(root, args.job_id, wait_s=args.wait))
-        elif args.action == "resume":
-            print(jobs.resume(root, args.job_id))
-        elif args.action == "logs":
-            return _logs(jobs, root, args.job_id, args.follow)
-    except (jobs.JobError, *usage_errors()) as err:
-        print(f"oppu jobs: {err}", file=sys.stderr)
-        return 2
+    if args.action == "submit":
+        job_id = jobs.submit(config_from_args(args), root, backend=args.backend, address=args.address,
+                             shares=args.shares, max_workers=args.max_workers)
+        print(job_id)
+        print(f"follow it with: oppu jobs show {job_id}   (or: oppu jobs logs {job_id} --follow)",
+              file=sys.stderr)
+    elif args.action == "list":
+        for job in jobs.list_jobs(root):
+            print(f"{job['job_id']}  {job['state']:<11} {job.get('task') or '':<8} {progress_line(job, 20)}")
+    elif args.action == "show":
+        job = jobs.get_job(root, args.job_id)
+        print(f"job {job['job_id']} (run {job['run_id']}, backend {job['backend']})")
+        print(progress_line(job))
+        if job.get("error"):
+            print(f"error: {job['error']}")
+    elif args.action == "cancel":
+        print(jobs.cancel(root, args.job_id, wait_s=args.wait))
+    elif args.action == "resume":
+        print(jobs.resume(root, args.job_id))
+    elif args.action == "logs":
+        return _logs(jobs, root, args.job_id, args.follow)
     return 0
 
 

@@ -13,11 +13,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from oppu.jobs import DEFAULT_ROOT, JobError, run_worker
+    from oppu.jobs import DEFAULT_ROOT, run_worker
 
     root = args.root or os.environ.get("OPPU_JOBS", DEFAULT_ROOT)
-    try:
-        return run_worker(root, args.job_id)
-    except JobError as err:
-        print(f"oppu worker: {err}")
-        return 2
+    return run_worker(root, args.job_id)

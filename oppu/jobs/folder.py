@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from oppu.errors import OppuError
 from oppu.paths import file_lock, write_json_atomic
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -39,7 +40,7 @@ RUNNER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 """A job's `runner`: `module.path:function`."""
 
 
-class JobError(RuntimeError):
+class JobError(OppuError, RuntimeError):
     """A job cannot be found, started, cancelled or resumed; the message says why and what to do."""
 
 

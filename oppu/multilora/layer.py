@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from oppu.errors import OppuError
+
 if TYPE_CHECKING:
     from oppu.multilora.model import MultiLora
 
 
-class MultiLoraError(ValueError):
+class MultiLoraError(OppuError, ValueError):
     """Misuse of the multi-LoRA layer (unknown adapter, wrong rank, bad folder); the message says the fix."""
 
 
