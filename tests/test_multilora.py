@@ -87,6 +87,27 @@ def states(base):
     return {u: random_lora_state(base, 8, seed=i + 1) for i, u in enumerate(USERS)}
 
 
+# The training-equality tests run in float64. Two paths that do the same maths in a different order (rows in other
+# chunks, other batch companions, other padding widths) differ by rounding, and AdamW turns a rounding difference
+# in a gradient element that nearly cancels into a step difference of up to ~lr: in float32 one element of 256
+# differed by 1.9e-4 at lr 5e-2 on an AMD Zen 5 CPU. float64's unit roundoff (1.1e-16) is 5e8 times smaller than
+# float32's, which scales that worst case to ~4e-13 (measured: 2.6e-14 in float64 where float32 gave 1.2e-5), so
+# EXACT_TOL (1e-9) holds on any CPU with a margin of 1000x or more, while each mutation these tests guard against
+# (a step counter shared by all users, a global schedule step, one clip over all users, another user's data in my
+# gradient) moves elements by ~lr (measured: 4e-3 for the global clip, 0.15 for the shared step counter).
+EXACT_TOL = {"rtol": 1e-9, "atol": 1e-9}
+
+
+@pytest.fixture(scope="module")
+def base64(base):
+    return copy.deepcopy(base).double()
+
+
+@pytest.fixture(scope="module")
+def states64(states):
+    return {u: {k: v.double() for k, v in state.items()} for u, state in states.items()}
+
+
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (int(torch.randint(3, 12, (1,), generator=gen)),), generator=gen).tolist()
@@ -109,6 +130,8 @@ def test_mixed_batch_forward_matches_each_users_peft_forward(base, states):
             else:
                 peft_model.set_adapter(name)
                 ref = peft_model(input_ids=ids[i:i + 1]).logits
+            # One float32 forward of a 2-layer model, the same maths in another order: rounding ~1e-7, and
+            # nothing accumulates over steps; a mis-routed adapter changes logits by ~1e-1.
             torch.testing.assert_close(mixed[i:i + 1], ref, rtol=1e-5, atol=1e-5)
     plain = base(input_ids=ids).logits.detach()
     assert not torch.allclose(mixed[0], plain[0], atol=1e-3), "the adapter had no effect: weights not applied"
@@ -134,6 +157,7 @@ def test_export_loads_in_peft_and_peft_folder_loads_here(base, states, tmp_path)
     ids = torch.randint(3, VOCAB, (2, 6))
     with torch.no_grad(), ml.route(["ben", "ben"]):
         ours = ml.model(input_ids=ids).logits
+    # one float32 forward each (rounding ~1e-7, no training steps), as in the forward test above
     torch.testing.assert_close(ours, loaded(input_ids=ids).logits.detach(), rtol=1e-5, atol=1e-5)
 
     # and back: a folder written by PEFT itself (rank 4, alpha 16: zero-padded into rank-8 slots)
@@ -232,8 +256,15 @@ def user_batches(seed: int, n: int, batch_size: int = 3, epochs: int = 2):
     return [[data[i] for i in batch] for batch in make_batches(n, batch_size, epochs, seed)]
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's causal-LM loss (shifted, mean over labels != IGNORE_INDEX) in the logits' own dtype: the
+    library's own loss upcasts to float32, which would put float32 rounding back into a float64 reference."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 def peft_train_alone(base, init_state, batches, lr, wd, warmup_ratio, max_norm):
-    """The per-user reference: PEFT LoRA, HF loss on padded batches, torch AdamW, clip, linear schedule."""
+    """The per-user reference: PEFT LoRA, HF's loss on padded batches, torch AdamW, clip, linear schedule."""
     peft_model = peft_with(base, {"u": init_state})
     params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     for n, p in peft_model.named_parameters():
@@ -247,7 +278,7 @@ def peft_train_alone(base, init_state, batches, lr, wd, warmup_ratio, max_norm):
         ids = torch.tensor([list(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
         labels = torch.tensor([list(e.labels) + [IGNORE_INDEX] * (width - len(e.labels)) for e in batch])
         mask = (torch.arange(width)[None] < torch.tensor([len(e.input_ids) for e in batch])[:, None]).long()
-        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = causal_lm_loss(peft_model(input_ids=ids, attention_mask=mask).logits, labels)
         loss.backward()
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -259,12 +290,13 @@ def peft_train_alone(base, init_state, batches, lr, wd, warmup_ratio, max_norm):
     return {k: v.detach() for k, v in get_peft_model_state_dict(peft_model, adapter_name="u").items()}
 
 
-def test_batched_training_equals_training_each_user_alone(base, states):
+def test_batched_training_equals_training_each_user_alone(base64, states64):
     # Different numbers of batches per user, and cat joins three steps late (empty batches = sits out), so
     # users drop out of and into steps: per-user step counts and schedules must still match training alone.
     per_user = {"ann": user_batches(1, 7), "ben": user_batches(2, 3), "cat": [[], [], []] + user_batches(3, 5)}
     assert len({len(b) for b in per_user.values()}) == 3
     hp = {"lr": 5e-2, "wd": 0.01, "warmup_ratio": 0.34, "max_norm": 0.5}  # large lr: differences would show
+    base, states = base64, states64  # float64: see EXACT_TOL
     ml = multi_with(base, states, capacity=4)
     ml.add("idle", seed=5)  # a slot that must not move
     idle_before = ml.state_dict("idle")
@@ -276,17 +308,18 @@ def test_batched_training_equals_training_each_user_alone(base, states):
         ours = ml.state_dict(user)
         assert set(ours) == set(alone)
         for key in alone:
-            torch.testing.assert_close(ours[key], alone[key], rtol=1e-4, atol=1e-5, msg=f"{user} {key}")
+            torch.testing.assert_close(ours[key], alone[key], **EXACT_TOL, msg=f"{user} {key}")
             assert not torch.equal(ours[key], states[user][key]), "the adapter did not train"
         assert len(history[user]) == len(batches)
     for key, value in idle_before.items():
         assert torch.equal(ml.state_dict("idle")[key], value), "a user with no batches was updated"
 
 
-def test_dropout_masks_do_not_depend_on_batch_companions(base, states):
+def test_dropout_masks_do_not_depend_on_batch_companions(base64, states64):
     """With LoRA dropout on, a user trained among others (in any chunking) equals that user trained alone:
     its masks come from its own seed, step and row index. This is what lets Ray shares, resumed jobs and
     different chunk sizes give the same adapters."""
+    base, states = base64, states64  # float64: see EXACT_TOL
     per_user = {"ann": user_batches(1, 7), "ben": user_batches(2, 3), "cat": [[], []] + user_batches(3, 5)}
 
     def train(batches, tokens_per_forward, dropout=0.3, seed=7):
@@ -299,8 +332,7 @@ def test_dropout_masks_do_not_depend_on_batch_companions(base, states):
     for user, batches in per_user.items():
         alone = train({user: [b for b in batches if b]}, 10_000)
         for key, value in alone.state_dict(user).items():
-            torch.testing.assert_close(together.state_dict(user)[key], value, rtol=1e-4, atol=1e-6,
-                                       msg=f"{user} {key}")
+            torch.testing.assert_close(together.state_dict(user)[key], value, **EXACT_TOL, msg=f"{user} {key}")
     # The masks are real (dropout changes the result) and seeded (another seed gives other masks).
     without = train({"ann": per_user["ann"]}, 10_000, dropout=0.0)
     reseeded = train({"ann": per_user["ann"]}, 10_000, seed=8)
@@ -335,7 +367,8 @@ def test_no_gradient_reaches_another_users_slice(base, states):
         assert float(p.grad[ben].abs().max()) > 0.0
 
 
-def test_perturbing_another_users_data_leaves_my_adapter_unchanged(base, states):
+def test_perturbing_another_users_data_leaves_my_adapter_unchanged(base64, states64):
+    base, states = base64, states64  # float64: ben's rows change the padded width, hence the rounding (EXACT_TOL)
     ann_batches = user_batches(1, 6)
 
     def train(ben_seed: int):
@@ -348,7 +381,7 @@ def test_perturbing_another_users_data_leaves_my_adapter_unchanged(base, states)
     ann_b, ben_b = train(99)
     assert any(not torch.allclose(ben_a[k], ben_b[k]) for k in ben_a), "ben's data change had no effect on ben"
     for key in ann_a:
-        torch.testing.assert_close(ann_a[key], ann_b[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(ann_a[key], ann_b[key], **EXACT_TOL)
 
 
 def test_training_without_answer_tokens_is_refused(base, states):
@@ -385,6 +418,8 @@ def test_train_users_is_a_drop_in_for_the_per_user_loop(tiny_model, tiny_users):
         ref = theirs[uid]
         assert (result.examples, result.item_ids, result.data_hash) == (ref.examples, ref.item_ids, ref.data_hash)
         assert [s for s, _ in result.curve] == [s for s, _ in ref.curve]
+        # The first step's loss is one float32 forward before any update (B is zero), over other batch
+        # companions and padding: rounding ~1e-7, not amplified by training steps.
         assert result.curve[0][1] == pytest.approx(ref.curve[0][1], rel=1e-5)
         assert any(float(v.abs().max()) > 0 for k, v in ml.state_dict(uid).items() if "lora_B" in k)
 
@@ -399,7 +434,7 @@ def test_save_is_atomic_with_manifest(base, states, tmp_path):
     again = MultiLora(copy.deepcopy(base), capacity=1)
     again.load("x", folder)
     for key, value in again.state_dict("x").items():
-        torch.testing.assert_close(value, ml.state_dict("ben")[key])
+        torch.testing.assert_close(value, ml.state_dict("ben")[key], rtol=0, atol=0)  # a file round trip: exact
     assert [p.name for p in tmp_path.iterdir()] == ["ann"]  # no temporary folder left behind
 
 
@@ -430,6 +465,7 @@ def test_factors_stay_fp32_over_a_bf16_base(base, states):
     reference = peft_with(copy.deepcopy(base).to(torch.bfloat16), {"ann": states["ann"]})
     with torch.no_grad():
         ref = reference(input_ids=ids[:1]).logits
+    # bf16 keeps 8 mantissa bits (~4e-3 relative per op): two paths rounding in different places over 2 layers
     torch.testing.assert_close(logits[:1].float(), ref.float(), rtol=0.05, atol=0.05)
     before = ml.state_dict("ann")
     train_users_batched(ml, {"ann": user_batches(1, 4)}, lr=1e-3, pad_id=0)

@@ -118,7 +118,7 @@ def _step_loss(ml: MultiLora, rows: Sequence[TrainExample], row_slots: Sequence[
     row_of_token = picked.nonzero()[:, 0]
     weighted = losses * weights.to(device)[row_of_token]
     weighted.sum().backward()
-    return torch.zeros(len(rows), device=device).index_add(0, row_of_token, weighted.detach())
+    return torch.zeros(len(rows), dtype=weighted.dtype, device=device).index_add(0, row_of_token, weighted.detach())
 
 
 def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[TrainExample]]], *, lr: float,
@@ -184,8 +184,8 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
             if empty:
                 raise MultiLoraError(f"users {empty[:3]} have no answer tokens in batch {step}: every example "
                                      "needs labels other than IGNORE_INDEX after its first token")
-            weights = torch.tensor([1.0 / n_answer[u] for u in row_user])
-            per_row = torch.zeros(len(rows))
+            weights = torch.tensor([1.0 / n_answer[u] for u in row_user], dtype=ml.scaling.dtype)
+            per_row = torch.zeros(len(rows), dtype=ml.scaling.dtype)
             for chunk in length_chunks([len(r.input_ids) for r in rows], tokens_per_forward):
                 per_row[chunk] = _step_loss(ml, [rows[i] for i in chunk], [slots[row_user[i]] for i in chunk],
                                             weights[chunk], pad_id, [seeds[i] for i in chunk]).cpu()
