@@ -120,11 +120,13 @@ class BM25Retriever(_CandidateRetriever):
     name = "bm25"
     query_instruction = True
 
-    def __init__(self, text_of: Callable[[Any], str] = default_text, tokens: str = "words"):
+    def __init__(self, text_of: Callable[[Any], str] = default_text, tokens: str = "words",
+                 query_instruction: bool = True):
         super().__init__(text_of)
         if tokens not in TOKENIZERS:
             raise ValueError(f"unknown BM25 tokens {tokens!r}: use one of {', '.join(TOKENIZERS)}")
         self.tokenize = TOKENIZERS[tokens]
+        self.query_instruction = query_instruction
 
     def _rank(self, query_text: str, candidates: list[Any], k: int) -> Scored:
         from rank_bm25 import BM25Okapi
@@ -215,7 +217,7 @@ RETRIEVERS: dict[str, type] = {cls.name: cls for cls in (BM25Retriever, DenseRet
 
 def get_retriever(name: str, text_of: Callable[[Any], str] | None = None, **options: Any) -> Retriever:
     """A retriever by name (`bm25`, `dense`, `recency`); `text_of` renders an item for matching; `options` go
-    to the retriever's constructor (`tokens="whitespace"` for BM25)."""
+    to the retriever's constructor (BM25: `tokens="whitespace"`, `query_instruction=False`)."""
     cls = RETRIEVERS.get(name)
     if cls is None:
         raise ValueError(f"unknown retriever {name!r}: use one of {', '.join(RETRIEVERS)}")

@@ -35,6 +35,7 @@ def test_which_retrievers_take_the_instruction_in_their_query():
     assert get_retriever("bm25").query_instruction  # OPPU's BM25 query: instruction + text
     assert not get_retriever("dense").query_instruction  # LaMP's dense ranking: the text alone
     assert not get_retriever("recency").query_instruction
+    assert not get_retriever("bm25", query_instruction=False).query_instruction  # the text alone, as LaMP does
 
 
 def test_bm25_ranks_the_matching_item_first_and_respects_k():
