@@ -218,9 +218,8 @@ class TaskBases:
 
     @staticmethod
     def _weight(model, name: str):
-        root = model
         try:
-            module = root.get_submodule(name)
+            module = model.get_submodule(name)
         except AttributeError:
             get_base = getattr(model, "get_base_model", None)  # a PeftModel around the model
             if get_base is None:
