@@ -408,6 +408,12 @@ class Store:
                       retrieved_ids, retrieved_scores, k, peft, retriever, history_size
                FROM predictions WHERE run_id = ? AND user_id = ? ORDER BY query_id, method""", [run_id, user_id])
 
+    def run_predictions(self, run_id: str) -> pd.DataFrame:
+        """Every scored prediction of a run (user_id, query_id, method, both scores): what `oppu.stats` resamples."""
+        return self._read(
+            """SELECT user_id, query_id, method, correct, lenient_correct FROM predictions
+               WHERE run_id = ? AND gold IS NOT NULL ORDER BY user_id, query_id, method""", [run_id])
+
     def methods_disagree(self, run_id: str, user_id: str, scoring: str = "official") -> pd.DataFrame:
         """Queries of one user where the methods' answers (under `scoring`) differ. Columns: query_id, gold,
         n_distinct, then one answer column per method (named by the method) and one `<method> score` column."""
