@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from oppu.config import METHODS, ConfigError, RunConfig
+from oppu.config import METHODS, RunConfig
 from oppu.examples import PromptStyle
 from oppu.train import StopRequested
 

@@ -96,7 +96,10 @@ def test_presets_and_flags_layer(cli_paths):
     run_cmd.configure(parser)
     cfg = run_cmd.config_from_args(parser.parse_args(["--preset", "paper", "--k", "3", "--rank", "4"]))
     assert cfg.users == 100 and cfg.user_train.lr == 1e-4 and cfg.adaptation_train.max_length == 2048
-    assert cfg.retrieval.k == 3 and cfg.user_peft.r == 4 and cfg.user_peft.alpha == 8
+    # --rank alone keeps alpha = r (LoRA scaling 1, the paper's r = alpha = 8), as the Train form does.
+    assert cfg.retrieval.k == 3 and cfg.user_peft.r == 4 and cfg.user_peft.alpha == 4
+    both = run_cmd.config_from_args(parser.parse_args(["--rank", "4", "--alpha", "16"]))
+    assert both.user_peft.r == 4 and both.user_peft.alpha == 16
     plain = run_cmd.config_from_args(parser.parse_args([]))
     from oppu.config import RunConfig
 

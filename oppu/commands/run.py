@@ -13,14 +13,11 @@ from typing import Any
 
 
 def usage_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (reported in one line), as opposed to bugs (which keep their traceback)."""
-    from oppu.config import ConfigError
-    from oppu.data import DataError, UnknownUserError
-    from oppu.model import ModelLoadError
-    from oppu.store import StoreError
-    from oppu.tasks import UnknownTaskError
+    """Exceptions that mean bad input (reported in one line), as opposed to bugs (which keep their traceback):
+    every user-facing error derives from `OppuError`."""
+    from oppu.errors import OppuError
 
-    return ConfigError, DataError, UnknownUserError, UnknownTaskError, ModelLoadError, StoreError
+    return (OppuError,)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
