@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker", "run one job (started by `oppu jobs submit`; not for direct use)"),
     "dashboard": ("dashboard", "start the Streamlit dashboard (binds 127.0.0.1)"),
     "prepare": ("prepare", "convert the embedded default model once into its local safetensors cache"),
+    "serve": ("serve", "serve personal models over an OpenAI-compatible HTTP API (binds 127.0.0.1)"),
 }
 
 

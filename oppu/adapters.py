@@ -16,7 +16,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from oppu.errors import OppuError
 from oppu.manifest import MANIFEST_NAME, read_manifest
+
+TASK_ADAPTERS = "task_adapters"
+"""`ARTIFACTS/task_adapters/<task>/<key>/`: the cached task-adaptation LoRAs (`oppu.adaptation.adapt_task`)."""
+
+
+class AdapterError(OppuError, ValueError):
+    """An adapter folder or zip that cannot be used as asked; the message says what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,67 @@ def find(artifacts: str | Path, user_id: str | None = None) -> list[UserAdapters
                           str(e["manifest"].get("run_id", folder.parent.name)), folder, tuple(sorted(e["styles"])),
                           str(e["manifest"].get("created", ""))) for folder, e in grouped.items()]
     return sorted(found, key=lambda a: (a.created, a.run_id), reverse=True)
+
+
+def run_config(manifest: dict):
+    """The `RunConfig` a personal adapter was trained under (from its manifest's portable config)."""
+    from oppu.config import RunConfig
+
+    config = manifest.get("config")
+    if not isinstance(config, dict):
+        raise AdapterError(f"the manifest of user {manifest.get('user_id')!r} holds no run config: the adapter was "
+                           "not written by `oppu run`; train it again")
+    return RunConfig.from_dict(config)
+
+
+def prompt_style(manifest: dict):
+    """The `PromptStyle` a personal adapter was trained and answers in (its first method's style)."""
+    from oppu.config import METHODS
+    from oppu.examples import PromptStyle
+    from oppu.experiment import method_style
+
+    cfg = run_config(manifest)
+    for method in manifest.get("methods") or ():
+        if method in METHODS:
+            return method_style(cfg, method)
+    key = str(manifest.get("style", "plain"))
+    rag, pag = "rag" in key.split("+"), "pag" in key.split("+")
+    return PromptStyle(retrieval=rag, profile=pag, k=cfg.retrieval.k if rag else 0,
+                       text_only=cfg.history_format == "text_only")
+
+
+def task_adapter_folder(artifacts: str | Path, manifest: dict) -> Path | None:
+    """The task-adaptation LoRA a personal adapter was trained on top of (its prompt style's task-adapted base),
+    or None when its run had no task adaptation or the cached LoRA is gone.
+
+    Found by the cache key `oppu.adaptation.adapt_task` used (model, task, data, settings, style, retriever); a
+    LoRA cached under an older key format is matched by its manifest's task, model, data and style instead.
+    """
+    from dataclasses import asdict
+
+    from oppu.adaptation import adaptation_key
+    from oppu.paths import safe_component
+
+    cfg = run_config(manifest)
+    if not cfg.task_adaptation:
+        return None
+    style = prompt_style(manifest)
+    fingerprint = str(manifest.get("data_fingerprint", ""))
+    model_name = cfg.model.name  # already `model_key` of the run's model (`experiment.portable_config`)
+    key = adaptation_key(model=model_name, task=cfg.task, data=fingerprint, peft=asdict(cfg.adaptation_peft),
+                         train=asdict(cfg.adaptation_train), style=asdict(style), retriever=cfg.retrieval.retriever)
+    root = Path(artifacts) / TASK_ADAPTERS / safe_component(cfg.task)
+    if (root / key / "adapter_model.safetensors").is_file():
+        return root / key
+    for path in sorted(root.glob(f"*/{MANIFEST_NAME}")) if root.is_dir() else ():
+        try:
+            meta = read_manifest(path.parent)
+        except (OSError, ValueError):
+            continue
+        if (meta.get("task"), meta.get("model"), meta.get("data_fingerprint"), meta.get("style_key")) == \
+                (cfg.task, model_name, fingerprint, style.key) and (path.parent / "adapter_model.safetensors").is_file():
+            return path.parent
+    return None
 
 
 def export_zip(entry: UserAdapters, out: str | Path) -> Path:
