@@ -125,8 +125,8 @@ async def _parse(request: Request, model: type[BaseModel]):
 # -- the app ---------------------------------------------------------------------------------------------------
 
 
-def create_app(service, keys: ApiKeys | None = None) -> FastAPI:
-    """The FastAPI app over a `Service` (closed with the app)."""
+def create_app(service, keys: ApiKeys | None = None, close_service: bool = True) -> FastAPI:
+    """The FastAPI app over a `Service` (closed when the app shuts down, unless `close_service` is False)."""
     keys = keys or ApiKeys(None)
 
     from contextlib import asynccontextmanager
@@ -134,7 +134,8 @@ def create_app(service, keys: ApiKeys | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        service.close()
+        if close_service:
+            service.close()
 
     app = FastAPI(title="OPPU Studio serving", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service

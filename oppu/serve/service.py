@@ -149,32 +149,39 @@ class Service:
 
     def complete(self, model_name: str, prompts: Sequence[str], max_new_tokens: int | None = None,
                  timeout: float = 600.0) -> list[str]:
-        """Greedy answers to user-message prompts on one served model, all submitted at once (they batch)."""
+        """Answers to user-message prompts on one served model, greedy, all submitted at once (they batch)."""
         model = self.registry.resolve(model_name)
-        budget = max_new_tokens or self.default_budget(model)
-        done = [threading.Event() for _ in prompts]
-        tokens: list[list[int]] = [[] for _ in prompts]
-        errors: list[BaseException | None] = [None] * len(prompts)
+        rows = [self.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+        new = self.complete_ids(model, rows, max_new_tokens or self.default_budget(model), timeout)
+        return [self.decode(t) for t in new]
+
+    def complete_ids(self, model, rows: Sequence[list[int]], max_new_tokens: int,
+                     timeout: float = 600.0) -> list[list[int]]:
+        """New token ids (end token excluded) for each prompt's ids on a `ServedModel`, greedy; all rows are
+        submitted at once."""
+        done = [threading.Event() for _ in rows]
+        tokens: list[list[int]] = [[] for _ in rows]
+        errors: list[BaseException | None] = [None] * len(rows)
 
         def sink(i):
             def emit(event):
                 kind, value = event
                 if kind == "token":
                     tokens[i].append(value)
-                else:
-                    if kind == "error":
-                        errors[i] = value
-                    done[i].set()
+                    return
+                if kind == "error":
+                    errors[i] = value
+                done[i].set()
             return emit
 
-        for i, prompt in enumerate(prompts):
-            self.submit(model, self.chat_ids([{"role": "user", "content": prompt}]), budget, sink(i))
+        for i, ids in enumerate(rows):
+            self.submit(model, list(ids), max_new_tokens, sink(i))
         for i, event in enumerate(done):
             if not event.wait(timeout):
                 raise TimeoutError(f"no answer within {timeout:.0f} s")
             if errors[i] is not None:
                 raise errors[i]
-        return [self.decode(t) for t in tokens]
+        return tokens
 
     def close(self) -> None:
         self.scheduler.close()
