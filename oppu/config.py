@@ -218,6 +218,11 @@ class RunConfig:
     """Behaviour shift: only history items dated before this ISO date train the adapter and feed retrieval."""
     tag: str = ""
     """Free text grouping runs of one analysis (e.g. `k-sweep`)."""
+    seed_group: str = ""
+    """Replicates: the id shared by runs that repeat one config under different seeds (`oppu run --seeds`). Each
+    such run sets `user_train.seed` and `generation.seed` to its seed (adapter initialisation, dropout, example
+    order, sampling) and keeps `adaptation_train.seed`, so every seed answers on the same task-adapted base.
+    Empty for a run that is not one of a set of replicates."""
     batching: Literal["multi_lora", "per_user"] = "multi_lora"
     """How LoRA users train and answer: `multi_lora` puts a chunk of users in shared batches, each row routed to
     its own adapter (`oppu/multilora.py`); `per_user` is PEFT's one-user-at-a-time loop, the reference path.

@@ -18,7 +18,13 @@ rating, ROUGE-L F for generation), so the dashboard's aggregations are plain SQL
 and run metrics keep both sets in one `metric` column: official names (`accuracy`, `MAE`, `rouge-L`) and
 `lenient_`-prefixed ones, so a name alone says how it was scored. Every query defaults to the official scoring.
 
-Schema 1 files (scores of the lenient reading only) are upgraded in place on first open, in one transaction.
+Replicates: every prediction, user-metric and run-metric row carries the `seed` of its run (the run config's
+`user_train.seed`, filled in from the stored config on insert), and runs that repeat one config under several
+seeds share the config's `seed_group`. A run has one seed, so the keys above stay unique with the seed in them;
+`scores` and `group_runs` read replicates back for `oppu.stats`.
+
+Older files are upgraded in place on first open, in one transaction: schema 1 (scores of the lenient reading
+only) and schema 2 (no seed column; each row gets its run's seed).
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ from oppu.errors import OppuError
 if TYPE_CHECKING:  # pandas is imported lazily: the CLI must start fast
     import pandas as pd
 
-SCHEMA_VERSION = 2
-"""1: one reading (`output` = `Task.normalize(raw)`). 2: the official and the lenient reading side by side."""
+SCHEMA_VERSION = 3
+"""1: one reading (`output` = `Task.normalize(raw)`). 2: the official and the lenient reading side by side.
+3: a `seed` column on predictions, user metrics and run metrics."""
 
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "run_id", "task", "user_id", "query_id", "method", "k", "peft", "retriever", "prompt", "raw_output", "output",
@@ -63,14 +70,22 @@ _SCHEMA = (
         run_id VARCHAR, task VARCHAR, user_id VARCHAR, query_id VARCHAR, method VARCHAR, k INTEGER, peft VARCHAR,
         retriever VARCHAR, prompt VARCHAR, raw_output VARCHAR, output VARCHAR, gold VARCHAR,
         retrieved_ids VARCHAR[], retrieved_scores DOUBLE[], history_size INTEGER, correct DOUBLE,
-        created TIMESTAMP, lenient_output VARCHAR, lenient_correct DOUBLE)""",
+        created TIMESTAMP, lenient_output VARCHAR, lenient_correct DOUBLE, seed INTEGER)""",
     """CREATE TABLE IF NOT EXISTS user_metrics (
         run_id VARCHAR, user_id VARCHAR, method VARCHAR, metric VARCHAR, value DOUBLE, history_size INTEGER,
-        created TIMESTAMP)""",
-    "CREATE TABLE IF NOT EXISTS run_metrics (run_id VARCHAR, method VARCHAR, metric VARCHAR, value DOUBLE)",
+        created TIMESTAMP, seed INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS run_metrics (run_id VARCHAR, method VARCHAR, metric VARCHAR, value DOUBLE,
+        seed INTEGER)""",
     """CREATE TABLE IF NOT EXISTS train_curves (
         run_id VARCHAR, user_id VARCHAR, stage VARCHAR, step INTEGER, loss DOUBLE, created TIMESTAMP)""",
 )
+
+_RUN_SEED = "coalesce(TRY_CAST(json_extract_string(config, '$.user_train.seed') AS INTEGER), 0)"
+"""SQL over `runs`: a run's seed, from its stored config (0, `TrainConfig.seed`'s default, when it names none)."""
+_RUN_GROUP = "coalesce(json_extract_string(config, '$.seed_group'), '')"
+"""SQL over `runs`: the replicate group of a run ('' for a run that is not a replicate)."""
+_SEED_OF = f"coalesce((SELECT {_RUN_SEED} FROM runs WHERE runs.run_id = ?), 0)"
+"""SQL: the seed of the run whose id is the parameter (0 when the run is not recorded)."""
 
 _LOCK_TIMEOUT_S = 120.0
 _RETRIES = 8
@@ -225,6 +240,8 @@ class Store:
         try:
             if found < 2:
                 _upgrade_1_to_2(con)
+            if found < 3:
+                _upgrade_2_to_3(con)
             con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
         except (duckdb.Error, ValueError, KeyError) as err:
             raise StoreError(
@@ -271,7 +288,10 @@ class Store:
                            WHERE predictions.run_id = i.run_id AND predictions.user_id = i.user_id
                              AND predictions.query_id = i.query_id AND predictions.method = i.method""")
             columns = ", ".join(PREDICTION_COLUMNS)
-            con.execute(f"INSERT INTO predictions ({columns}) SELECT {columns} FROM incoming")
+            con.execute(f"""INSERT INTO predictions ({columns}, seed)
+                            SELECT {", ".join("i." + c for c in PREDICTION_COLUMNS)}, coalesce(r.seed, 0)
+                            FROM incoming i LEFT JOIN (SELECT run_id, {_RUN_SEED} AS seed FROM runs) r
+                              ON r.run_id = i.run_id""")
             con.unregister("incoming")
 
         self._write(write)
@@ -303,7 +323,9 @@ class Store:
             con.execute("DELETE FROM user_metrics WHERE run_id = ? AND user_id = ? AND method = ?",
                         [run_id, user_id, method])
             if values:
-                con.executemany("INSERT INTO user_metrics VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+                seed = con.execute(f"SELECT {_SEED_OF}", [run_id]).fetchone()[0]
+                con.executemany("INSERT INTO user_metrics (run_id, user_id, method, metric, value, history_size, "
+                                "created, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(*v, seed) for v in values])
 
         self._write(write)
 
@@ -321,7 +343,9 @@ class Store:
                 raise StoreError(f"finish_run: no run {run_id!r} in {self.path}; call create_run first")
             con.execute("DELETE FROM run_metrics WHERE run_id = ?", [run_id])
             if values:
-                con.executemany("INSERT INTO run_metrics VALUES (?, ?, ?, ?)", values)
+                seed = con.execute(f"SELECT {_SEED_OF}", [run_id]).fetchone()[0]
+                con.executemany("INSERT INTO run_metrics (run_id, method, metric, value, seed) VALUES (?, ?, ?, ?, ?)",
+                                [(*v, seed) for v in values])
             con.execute("UPDATE runs SET status = ?, finished = ? WHERE run_id = ?", [status, _utcnow(), run_id])
 
         self._write(write)
@@ -378,6 +402,74 @@ class Store:
     def prediction_count(self, run_id: str | None = None) -> int:
         sql = "SELECT count(*) AS n FROM predictions" + (" WHERE run_id = ?" if run_id is not None else "")
         return int(self._read(sql, [run_id] if run_id is not None else [])["n"].iloc[0])
+
+    # -- replicates and per-query scores (read by oppu.stats) -------------------------------------------------
+    def run_group(self, run_id: str) -> str:
+        """The replicate group of a run ('' when it is a single run); StoreError for an unknown run id."""
+        df = self._read(f"SELECT {_RUN_GROUP} AS g FROM runs WHERE run_id = ?", [run_id])
+        if df.empty:
+            raise StoreError(f"no run {run_id!r} in {self.path}: `oppu results --db {self.path}` lists the run ids")
+        return str(df["g"].iloc[0])
+
+    def group_runs(self, seed_group: str) -> pd.DataFrame:
+        """The runs of one replicate group, by seed. Columns: run_id, seed, status, task, tag, created."""
+        return self._read(
+            f"""SELECT run_id, {_RUN_SEED} AS seed, status, task, tag, created FROM runs
+                WHERE {_RUN_GROUP} = ? ORDER BY seed, created, run_id""", [seed_group])
+
+    def seed_groups(self, limit: int = 20) -> pd.DataFrame:
+        """Replicate groups, newest first. Columns: seed_group, task, tag, runs, seeds (sorted list), created,
+        statuses (sorted list of the runs' statuses)."""
+        return self._read(
+            f"""SELECT {_RUN_GROUP} AS seed_group, any_value(task) AS task, any_value(tag) AS tag,
+                       count(*) AS runs, list_sort(list(DISTINCT {_RUN_SEED})) AS seeds, min(created) AS created,
+                       list_sort(list(DISTINCT status)) AS statuses
+                FROM runs WHERE {_RUN_GROUP} <> '' GROUP BY 1 ORDER BY created DESC, seed_group LIMIT ?""",
+            [int(limit)])
+
+    def scores(self, run_ids: Sequence[str], scoring: str = "official") -> pd.DataFrame:
+        """One row per scored prediction of the given runs: the input of `oppu.stats` (`score` is the per-row
+        score under `scoring`; rows without one, e.g. queries without a gold, are left out). Columns: run_id,
+        seed, task, user_id, query_id, method, k, peft, history_size, score."""
+        correct = _score_column(scoring)
+        return self._read(
+            f"""SELECT p.run_id, coalesce(p.seed, r.seed, 0) AS seed, p.task, p.user_id, p.query_id, p.method,
+                       p.k, p.peft, p.history_size, p.{correct} AS score
+                FROM predictions p LEFT JOIN (SELECT run_id, {_RUN_SEED} AS seed FROM runs) r USING (run_id)
+                WHERE list_contains(?, p.run_id) AND p.{correct} IS NOT NULL
+                ORDER BY p.run_id, p.user_id, p.query_id, p.method""", [list(run_ids)])
+
+    ANALYSIS_COLUMNS = ("bin", "k", "peft", "history_cutoff", "history_format")
+    """What `analysis_scores` can attach to each scored row: the setting an analysis varies."""
+
+    def analysis_scores(self, task: str, by: str, scoring: str = "official", bins: int = 4) -> pd.DataFrame:
+        """Every scored prediction of a task with the setting one analysis varies, for intervals beside the
+        aggregates of `activity_curve` (`by="bin"`, the same equal-count bins), `k_sweep` (`k`),
+        `peft_comparison` (`peft`), `behaviour_shift` (`history_cutoff`) and `history_format`.
+        Columns: run_id, seed, user_id, query_id, method, <by>, score."""
+        if by not in self.ANALYSIS_COLUMNS:
+            raise StoreError(f"analysis_scores: by={by!r}; use one of {', '.join(self.ANALYSIS_COLUMNS)}")
+        if bins < 1:
+            raise StoreError(f"analysis_scores: bins must be >= 1 (got {bins})")
+        correct = _score_column(scoring)
+        base = f"""SELECT p.run_id, coalesce(p.seed, {_RUN_SEED.replace("config", "r.config")}) AS seed,
+                          p.user_id, p.query_id, p.method, p.history_size, p.k, p.peft,
+                          coalesce(json_extract_string(r.config, '$.history_cutoff'), '') AS history_cutoff,
+                          coalesce(json_extract_string(r.config, '$.history_format'), 'full') AS history_format,
+                          p.{correct} AS score
+                   FROM predictions p LEFT JOIN runs r USING (run_id)
+                   WHERE p.task = ? AND p.{correct} IS NOT NULL"""
+        if by != "bin":
+            return self._read(f"""SELECT run_id, seed, user_id, query_id, method, {by}, score FROM ({base})
+                                  ORDER BY 6, method, run_id, user_id, query_id""", [task])
+        # the bins of activity_curve: users (per run) in equal-count bins by their largest history size
+        return self._read(
+            f"""WITH rows AS ({base}),
+                users AS (SELECT run_id, user_id, max(history_size) AS h FROM rows GROUP BY run_id, user_id),
+                binned AS (SELECT run_id, user_id, ntile(?) OVER (ORDER BY h, run_id, user_id) AS bin FROM users)
+                SELECT r.run_id, r.seed, r.user_id, r.query_id, r.method, b.bin, r.score
+                FROM rows r JOIN binned b USING (run_id, user_id)
+                ORDER BY b.bin, r.method, r.run_id, r.user_id, r.query_id""", [task, int(bins)])
 
     # -- dashboard queries (each ≤ 300 ms on 1M predictions; see bench/bench_store.py) -----------------------
     def latest_runs(self, limit: int = 20) -> pd.DataFrame:
@@ -565,6 +657,15 @@ def _upgrade_1_to_2(con: duckdb.DuckDBPyConnection) -> None:
     for run_id, method in con.execute("SELECT DISTINCT run_id, method FROM run_metrics").fetchall():
         for name, value in _official_metrics(con, "run_id = ? AND method = ?", [run_id, method], score).items():
             con.execute("INSERT INTO run_metrics VALUES (?, ?, ?, ?)", [run_id, method, name, value])
+
+
+def _upgrade_2_to_3(con: duckdb.DuckDBPyConnection) -> None:
+    """Schema 2 had no seed column: each prediction and metric row gets the seed of its run's stored config."""
+    for table in ("predictions", "user_metrics", "run_metrics"):
+        con.execute(f"ALTER TABLE {table} ADD COLUMN seed INTEGER")
+        con.execute(f"""UPDATE {table} SET seed = r.seed FROM (SELECT run_id, {_RUN_SEED} AS seed FROM runs) r
+                        WHERE {table}.run_id = r.run_id""")
+        con.execute(f"UPDATE {table} SET seed = 0 WHERE seed IS NULL")
 
 
 def _official_metrics(con: duckdb.DuckDBPyConnection, where: str, params: list[Any], score: Any

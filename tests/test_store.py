@@ -302,7 +302,7 @@ def test_a_failed_upgrade_leaves_the_file_unchanged_and_says_what_to_do(tmp_path
         con.execute(statement)
     con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     con.close()
-    with pytest.raises(StoreError, match=r"could not upgrade .* from schema 1 to 2.*point --db"):
+    with pytest.raises(StoreError, match=rf"could not upgrade .* from schema 1 to {SCHEMA_VERSION}.*point --db"):
         Store(path)
     con = duckdb.connect(str(path), read_only=True)
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"

@@ -97,6 +97,9 @@ def config_from_args(args: argparse.Namespace):
 def configure(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--run-id", help="resume this run (users already complete are skipped)")
+    parser.add_argument("--seeds", help="replicates: comma list of seeds (e.g. 0,1,2), one run per seed in one "
+                                        "group; each seed sets the adapters' initialisation, dropout, example "
+                                        "order and sampling, the task-adapted base stays shared")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -149,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except ValueError as exc:  # ConfigError and unknown presets
         return fail("run", exc)
+    if getattr(args, "seeds", None):
+        return _run_seeds(cfg, args)
     bar = ProgressBar(not args.quiet)
     try:
         run_id = run_experiment(cfg, progress=bar, run_id=args.run_id)
@@ -160,4 +165,37 @@ def run(args: argparse.Namespace) -> int:
     status = store.runs().set_index("run_id").loc[run_id, "status"]
     print(f"run {run_id} ({cfg.task}, {status})")
     print(metric_table(store.run_metrics(run_id)))
+    return 0
+
+
+def _run_seeds(cfg, args: argparse.Namespace) -> int:
+    """`--seeds`: one run per seed, each printed as it finishes, then the group's intervals over users and seeds."""
+    from oppu.commands.results import uncertainty_lines
+    from oppu.replicates import parse_seeds, run_seeds
+    from oppu.store import Store
+
+    if args.run_id:
+        return fail("run", ValueError("--run-id resumes one run and --seeds starts new ones: pass one of them"))
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as exc:
+        return fail("run", exc)
+    store = Store(cfg.db)
+
+    def finished(seed: int, run_id: str) -> None:
+        status = store.runs().set_index("run_id").loc[run_id, "status"]
+        print(f"seed {seed}: run {run_id} ({cfg.task}, {status})")
+        print(metric_table(store.run_metrics(run_id)))
+
+    bar = ProgressBar(not args.quiet)
+    try:
+        group, run_ids = run_seeds(cfg, seeds, progress=bar, on_run=finished)
+    except usage_errors() as exc:
+        return fail("run", exc)
+    finally:
+        bar.close()
+    print(f"seed group {group}: {len(run_ids)} runs (seeds {', '.join(map(str, seeds))}); "
+          f"`oppu results --group {group} --db {cfg.db}` prints this again")
+    for line in uncertainty_lines(store, run_ids):
+        print(line)
     return 0
