@@ -69,7 +69,7 @@ def test_every_row_carries_its_runs_seed_and_groups_read_back(tmp_path):
     assert len(scores) == 24 and set(scores["seed"]) == {3, 4}
     assert set(scores.columns) >= {"user_id", "query_id", "method", "seed", "score"}
 
-    from oppu.commands.results import uncertainty
+    from oppu.uncertainty import uncertainty
 
     result = uncertainty(store, ["r3", "r4"])
     assert result["seeds"] == [3, 4] and result["settings"]["reference"] == "none"

@@ -55,98 +55,6 @@ def collect(db: str, run_id: str | None = None, limit: int = 20, scoring: str = 
     return out
 
 
-def _methods_in_order(methods) -> list[str]:
-    """The paper's rows in their table order, then anything else alphabetically."""
-    from oppu.config import METHODS
-
-    rank = {m: i for i, m in enumerate(METHODS)}
-    return sorted(set(methods), key=lambda m: (rank.get(m, len(rank)), m))
-
-
-def uncertainty(store, run_ids: list[str], scoring: str = "official", reference: str | None = None,
-                n_boot: int = 2000, seed: int = 0) -> dict:
-    """Intervals and paired comparisons of the runs' methods (one run, or the seeds of one group), from every
-    scored prediction: `oppu.stats.compare_methods`' result plus task, metric, runs and seeds.
-
-    The per-query score is the official (or lenient) row score: 1/0 for a label, the absolute error for a
-    rating (lower is better), ROUGE-L for text. ValueError when the runs have no scored predictions, span
-    several tasks or lack the reference method."""
-    from oppu.config import method_label
-    from oppu.metrics import check_scoring, row_score_name
-    from oppu.stats import compare_methods
-
-    check_scoring(scoring)
-    scores = store.scores(run_ids, scoring)
-    if scores.empty:
-        raise ValueError(f"no scored predictions in run(s) {', '.join(run_ids)} yet")
-    tasks = sorted(set(scores["task"]))
-    if len(tasks) > 1:
-        raise ValueError(f"the runs span tasks {', '.join(tasks)}: compare runs of one task")
-    metric, lower = row_score_name(tasks[0], scoring)
-    methods = _methods_in_order(scores["method"])
-    reference = reference or ("none" if "none" in methods else methods[0])
-    if reference not in methods:
-        raise ValueError(f"reference method {reference!r} is not in the run(s): use one of {', '.join(methods)}")
-    result = compare_methods(scores, reference, n_boot=n_boot, seed=seed, higher_is_better=not lower,
-                             methods=methods)
-    order = {m: i for i, m in enumerate(methods)}
-    result["summary"].sort(key=lambda r: order[r["method"]])
-    for row in result["summary"]:
-        row["label"] = method_label(row["method"])
-    for d in result["differences"]:
-        d["label_a"], d["label_b"] = method_label(d["method_a"]), method_label(d["method_b"])
-    seeds = sorted(int(s) for s in set(scores["seed"]))
-    result.update(task=tasks[0], scoring=scoring, metric=metric, lower_is_better=lower,
-                  runs=sorted(set(scores["run_id"])), seeds=seeds)
-    return result
-
-
-def format_p(p: float) -> str:
-    """A p-value as `oppu.stats.format_difference` writes it."""
-    if p < 0.001:
-        return "p<0.001"
-    return f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
-
-
-def format_uncertainty(result: dict) -> list[str]:
-    """The lines `oppu results --run/--group` prints for an `uncertainty` result."""
-    from oppu.config import method_label
-
-    pct = f"{result['settings']['ci']:.0%}"
-    direction = "lower" if result["lower_is_better"] else "higher"
-    seeds = result["seeds"]
-    lines = [f"{result['task']} · {result['metric']} per query ({direction} is better) · {len(result['runs'])} "
-             f"run(s), seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"]
-    width = max(18, *(len(r["label"]) + 2 for r in result["summary"]))
-    lines.append("  " + "method".ljust(width) + f"{'mean':>8}  {pct + ' CI':<18}{'users':>6}{'queries':>9}"
-                 f"{'seeds':>7}")
-    for r in result["summary"]:
-        lines.append("  " + r["label"].ljust(width) + f"{r['mean']:8.3f}  "
-                     + f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]".ljust(18)
-                     + f"{r['n_users']:6d}{r['n_queries']:9d}{r['n_seeds']:7d}")
-    ref = method_label(result["settings"]["reference"])
-    if result["differences"]:
-        lines.append(f"  difference from {ref} (paired on shared queries):")
-    for d in result["differences"]:
-        lines.append("  " + d["label_a"].ljust(width) + f"{d['diff']:+8.3f}  "
-                     + f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]".ljust(18)
-                     + f"{format_p(d['p_value']):>9}  wins/ties/losses {d['wins']}/{d['ties']}/{d['losses']}")
-    s = result["settings"]
-    lines.append(f"  ({pct} percentile intervals, {s['n_boot']} bootstrap resamples of users"
-                 + (" and seeds" if len(seeds) > 1 else "") + "; p: two-sided sign-flip permutation test over "
-                 "users; wins/ties/losses count queries" + (" x seeds" if len(seeds) > 1 else "") + ")")
-    return lines
-
-
-def uncertainty_lines(store, run_ids: list[str], scoring: str = "official", reference: str | None = None,
-                      n_boot: int = 2000) -> list[str]:
-    """`format_uncertainty(uncertainty(...))`, or one line saying why there is nothing to show."""
-    try:
-        return format_uncertainty(uncertainty(store, run_ids, scoring, reference, n_boot))
-    except ValueError as exc:
-        return [f"(no intervals: {exc})"]
-
-
 def _column_order(names: set[str]) -> list[str]:
     """Official metrics first, each lenient twin after them in the same order."""
     from oppu.metrics import LENIENT_PREFIX
@@ -194,6 +102,7 @@ def _show_uncertain(args: argparse.Namespace) -> int:
     """`--run` or `--group`: the metric table(s), then intervals and paired differences."""
     from oppu.commands.run import fail
     from oppu.store import Store, StoreError
+    from oppu.uncertainty import format_lines, uncertainty
 
     store = Store(args.db)
     scoring = "official" if args.scoring == "both" else args.scoring
@@ -224,6 +133,6 @@ def _show_uncertain(args: argparse.Namespace) -> int:
         group = store.run_group(args.run)
         print(f"{args.run}  {tables[0]['task']}  {tables[0]['status']}  users={tables[0]['users']}"
               + (f"  (seed group {group}: `--group {group}` pools its seeds)" if group else ""))
-    for line in format_uncertainty(result):
+    for line in format_lines(result):
         print(line)
     return 0
