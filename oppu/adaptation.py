@@ -75,11 +75,15 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], style: PromptStyle,
     Cached under `cache_dir/task_adapters/<task>/<key>/` (a standard PEFT folder plus manifest.json), keyed by
     model, task, data fingerprint, PEFT and training config, style and retriever. `model` must be the plain
     base (not switched to another style's base) and is returned to exactly that state, also when stopped.
-    Progress stage: `adapt:<task>:<style key>`, announced with step 0 and the total before the first step.
+    Progress stage: `adapt:<task>:<style key>`, announced with step 0 and the total before the first step
+    (a cached LoRA is announced as `(stage, 0, 0, None)`: nothing to train). Training checkpoints to
+    `<key>-checkpoint/` beside the cache folder (`oppu.checkpoint`), so a stopped or killed adaptation continues
+    from its last checkpoint; the checkpoint is removed once the LoRA is saved.
     """
     import peft
     import torch
 
+    from oppu.checkpoint import Checkpoint
     from oppu.manifest import stamp_created, write_manifest
     from oppu.model import to_peft_config
     from oppu.paths import atomic_folder, file_lock, safe_component
@@ -90,6 +94,8 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], style: PromptStyle,
     stage = f"adapt:{task.id}:{style.key}"
     with file_lock(folder.with_name(folder.name + ".lock")):
         if (folder / "adapter_model.safetensors").is_file():
+            if progress is not None:
+                progress(stage, 0, 0, None)
             return AdaptResult(folder, cached=True, style=style)
         examples = adaptation_examples(task, users, style, retriever, train_cfg.seed, train_cfg.max_examples)
         if not examples:
@@ -106,8 +112,9 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], style: PromptStyle,
         wrapped = peft.get_peft_model(model, to_peft_config(peft_cfg))
         try:
             params = [p for p in wrapped.parameters() if p.requires_grad]
+            checkpoint = Checkpoint(folder.with_name(f"{folder.name}-checkpoint"))
             curve = train_loop(wrapped, params, encoded, train_cfg, training_pad_id(tokenizer), stage, progress,
-                               should_stop)
+                               should_stop, checkpoint=checkpoint)
             # A partial folder from a crashed run is replaced as a whole (we hold the lock).
             with atomic_folder(folder) as tmp:
                 wrapped.save_pretrained(str(tmp))
@@ -116,6 +123,7 @@ def adapt_task(model, tokenizer, task, users: Sequence[Any], style: PromptStyle,
                      "style": asdict(style), "style_key": style.key, "retriever": retriever_name,
                      "examples": len(examples), "final_loss": curve[-1][1] if curve else None,
                      "peft": asdict(peft_cfg), "train": asdict(train_cfg), "format": TASK_ADAPTER_FORMAT}))
+            checkpoint.clear()
         finally:
             # Unload, never merge: the caller's weights stay bit for bit what they were.
             wrapped.unload()

@@ -123,6 +123,19 @@ def adapter_folder(cfg: RunConfig, run_id: str, user_id: str, style: PromptStyle
     return Path(user_adapter_dir(Path(cfg.artifacts_dir) / "adapters", cfg.task, run_id, user_id)) / style.key
 
 
+def checkpoint_folder(cfg: RunConfig, run_id: str, users: Sequence | None = None) -> Path:
+    """Where a run's per-user training checkpoints live (`oppu.checkpoint`); with `users`, one chunk's folder
+    (named by a hash of the chunk's user ids: a resumed run redoes the same chunks)."""
+    import hashlib
+
+    from oppu.paths import safe_component
+
+    root = Path(cfg.artifacts_dir) / "checkpoints" / safe_component(cfg.task) / safe_component(run_id)
+    if users is None:
+        return root
+    return root / hashlib.sha256("\n".join(str(u.id) for u in users).encode()).hexdigest()[:16]
+
+
 def _adapter_key(user_id: str, style: PromptStyle) -> str:
     return f"{user_id}|{style.key}"
 
@@ -187,6 +200,9 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, should_stop
                     progress("users", done, len(users), None)
         if finalize:
             store.finish_run(run_id, store.compute_run_metrics(run_id), status="done")
+            import shutil
+
+            shutil.rmtree(checkpoint_folder(cfg, run_id), ignore_errors=True)
     except StopRequested as stop:
         log.info("run %s stopped: %s", run_id, stop)
         store.set_status(run_id, "cancelled")
@@ -278,13 +294,20 @@ def _run_chunk(ctx: _Context, users: Sequence) -> None:
                     prompts.append(prompt)
                     adapters.append(adapter)
         # Answers see the training cutoff: an adapter meets prompts cut the way its training prompts were.
+        if ctx.progress is not None:
+            ctx.progress(f"generate:{style.key}", 0, len(prompts), None)
         raws += ctx.bank.generate(ctx.tokenizer, prompts, adapters, cfg.generation, max_new,
                                   prompt_budget(cfg.user_train.max_length, max_new))
+        if ctx.progress is not None:
+            ctx.progress(f"generate:{style.key}", len(prompts), len(prompts), None)
     for row, raw in zip(rows, raws, strict=True):
         # the official reading (stripped raw text) and the lenient one (Task.normalize), each with its score
         row.update(prediction_fields(task.id, row["gold"], raw))
     ctx.store.add_predictions(rows)
     _store_user_metrics(ctx, users, rows, histories)
+    from oppu.checkpoint import Checkpoint
+
+    Checkpoint(checkpoint_folder(cfg, ctx.run_id, users)).clear()  # the chunk's adapters and answers are saved
     for user in users:
         for style in ctx.styles:
             ctx.bank.delete(_adapter_key(user.id, style))
@@ -293,12 +316,15 @@ def _run_chunk(ctx: _Context, users: Sequence) -> None:
 def _train_adapters(ctx: _Context, users: Sequence, style: PromptStyle, histories: dict,
                     profiles: dict[str, str]) -> None:
     """One adapter per user of the chunk for this prompt style (each on its own user's data), saved."""
+    from oppu.checkpoint import Checkpoint
+
     cfg = ctx.cfg
     keys = {str(u.id): _adapter_key(u.id, style) for u in users}
     results = ctx.bank.train(ctx.tokenizer, ctx.task, users, style, cfg.user_peft, cfg.user_train,
                              histories={str(u.id): histories[u.id] for u in users}, retriever=ctx.retriever,
                              profiles={str(u.id): profiles.get(u.id) for u in users}, adapter_keys=keys,
-                             progress=ctx.progress, should_stop=ctx.should_stop)
+                             progress=ctx.progress, should_stop=ctx.should_stop,
+                             checkpoint=Checkpoint(checkpoint_folder(cfg, ctx.run_id, users) / style.key))
     for user in users:
         result = results[str(user.id)]
         ctx.store.add_train_curve(ctx.run_id, user.id, f"oppu:{style.key}", result.curve)

@@ -211,11 +211,13 @@ def _accumulate(model, batch: Sequence[tuple[list, list]], pad_id: int, device, 
 
 def train_loop(model, params: list, encoded: Sequence[tuple[list, list]], cfg: TrainConfig, pad_id: int,
                stage: str, progress: Progress | None = None, should_stop: ShouldStop | None = None,
-               tokens_per_forward: int | None = None) -> list[tuple[int, float]]:
+               tokens_per_forward: int | None = None, checkpoint: Any = None) -> list[tuple[int, float]]:
     """AdamW with linear warmup/decay over `cfg.epochs` shuffled passes; returns the (step, loss) curve.
 
     Each step's loss is the mean over the batch's answer tokens (as Hugging Face's causal-LM loss); the batch
     runs in chunks of at most `tokens_per_forward` padded tokens (default `tokens_per_forward_for(model)`).
+    `checkpoint` (an `oppu.checkpoint.Checkpoint`): the loop continues from the state saved there, if any
+    (reported as `progress(stage, step reached, total, None)`), and saves its state as it goes.
     """
     import torch
 
@@ -229,10 +231,27 @@ def train_loop(model, params: list, encoded: Sequence[tuple[list, list]], cfg: T
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     curve: list[tuple[int, float]] = []
+    identity = {"stage": stage, "total": total, "examples": len(encoded), "params": [list(p.shape) for p in params]}
+    start = 0
+    state = checkpoint.load(identity) if checkpoint is not None else None
+    if state is not None:
+        from oppu.checkpoint import set_rng_state
+
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"], strict=True):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        curve = [(int(s), float(v)) for s, v in state["curve"]]
+        start = int(state["step"])
+        log.info("%s: continuing from the checkpoint at step %d of %d", stage, start, total)
+        if progress is not None:
+            progress(stage, start, total, None)
     was_training = model.training
     model.train()
     try:
-        for step, indices in enumerate(batches, start=1):
+        for step, indices in enumerate(batches[start:], start=start + 1):
             if should_stop is not None and should_stop():
                 raise StopRequested(f"stopped at step {step - 1} of {total} ({stage})")
             loss = _accumulate(model, [encoded[i] for i in indices], pad_id, device, tokens_per_forward)
@@ -241,6 +260,13 @@ def train_loop(model, params: list, encoded: Sequence[tuple[list, list]], cfg: T
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             curve.append((step, loss))
+            if checkpoint is not None and checkpoint.due(step, total):
+                from oppu.checkpoint import rng_state
+
+                checkpoint.save(identity, {
+                    "step": step, "curve": [list(c) for c in curve], "rng": rng_state(),
+                    "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict()})
             if progress is not None:
                 progress(stage, step, total, loss)
     finally:
@@ -254,7 +280,7 @@ def train_loop(model, params: list, encoded: Sequence[tuple[list, list]], cfg: T
 def train_user(pool: AdapterPool, tokenizer, task, user, style: PromptStyle, peft_cfg: PeftConfig,
                train_cfg: TrainConfig, *, history: Sequence[Any] | None = None, retriever: Retriever | None = None,
                profile: str | None = None, adapter_key: str | None = None, progress: Progress | None = None,
-               should_stop: ShouldStop | None = None) -> TrainResult:
+               should_stop: ShouldStop | None = None, checkpoint: Any = None) -> TrainResult:
     """Train a fresh adapter in `pool` for one user, on that user's own history only.
 
     `history` narrows the user's items (behaviour-shift cutoff); `adapter_key` names the adapter in the pool
@@ -271,8 +297,11 @@ def train_user(pool: AdapterPool, tokenizer, task, user, style: PromptStyle, pef
     end_ids = answer_end_ids(tokenizer)
     encoded = [encode_example(tokenizer, ex, train_cfg.max_length, end_ids) for ex in examples]
     stage = f"user:{user.id}:{style.key}"
+    if progress is not None:
+        progress(stage, 0, len(make_batches(len(encoded), train_cfg.batch_size, train_cfg.epochs, train_cfg.seed)),
+                 None)
     curve = train_loop(pool.model, params, encoded, train_cfg, training_pad_id(tokenizer), stage, progress,
-                       should_stop)
+                       should_stop, checkpoint=checkpoint)
     for p in params:
         p.requires_grad_(False)
     item_ids, data_hash = trained_items(task, items, examples)
@@ -284,7 +313,7 @@ def train_users(pool: AdapterPool, tokenizer, task, users: Sequence[Any], style:
                 peft_cfg: PeftConfig, train_cfg: TrainConfig, *, histories: dict[str, Sequence[Any]] | None = None,
                 retriever: Retriever | None = None, profiles: dict[str, str | None] | None = None,
                 adapter_keys: dict[str, str] | None = None, progress: Progress | None = None,
-                should_stop: ShouldStop | None = None) -> dict[str, TrainResult]:
+                should_stop: ShouldStop | None = None, checkpoint: Any = None) -> dict[str, TrainResult]:
     """Adapters for several users, each on its own history (one adapter per user), one user after another.
 
     The PEFT reference path (`oppu.banks.PeftBank`: IA3, prompt tuning, `batching="per_user"`). LoRA runs use
@@ -296,5 +325,6 @@ def train_users(pool: AdapterPool, tokenizer, task, users: Sequence[Any], style:
         results[uid] = train_user(
             pool, tokenizer, task, user, style, peft_cfg, train_cfg,
             history=(histories or {}).get(uid), retriever=retriever, profile=(profiles or {}).get(uid),
-            adapter_key=(adapter_keys or {}).get(uid), progress=progress, should_stop=should_stop)
+            adapter_key=(adapter_keys or {}).get(uid), progress=progress, should_stop=should_stop,
+            checkpoint=None if checkpoint is None else checkpoint.child(uid))
     return results

@@ -61,6 +61,36 @@ def job_dir(root: str | os.PathLike[str], job_id: str) -> Path:
     return Path(root) / check_job_id(job_id)
 
 
+def transition(job: dict[str, Any], state: str, *, passed: str | None = None, t: float | None = None,
+               **fields: Any) -> dict[str, Any]:
+    """Move `job` to `state` and append what it passed through to its `history` (`passed`, default the state
+    itself: a resume is recorded as `resumed` and leaves the job queued). The history is never rewritten."""
+    t = time.time() if t is None else t
+    history = job.setdefault("history", [])
+    label = passed or state
+    if not history or history[-1].get("state") != label:
+        history.append({"state": label, "t": t})
+    job.update(fields, state=state)
+    return job
+
+
+def end_attempt(job: dict[str, Any], end: float) -> None:
+    """Add the attempt that began at `job['started']` and ended at `end` to the job's accumulated run time."""
+    if job.get("started"):
+        job["elapsed_before"] = float(job.get("elapsed_before") or 0.0) + max(0.0, end - float(job["started"]))
+
+
+def elapsed(job: dict[str, Any], now: float) -> float | None:
+    """Seconds the job has run over all its attempts (the current one up to `now`)."""
+    before = float(job.get("elapsed_before") or 0.0)
+    if job.get("state") == "running" and job.get("started"):
+        return before + max(0.0, now - float(job["started"]))
+    if "elapsed_before" not in job:  # written before attempts were added up: the last attempt alone
+        end = job.get("finished")
+        return (end or now) - job["started"] if job.get("started") else None
+    return before if job.get("history") and any(h["state"] == "running" for h in job["history"]) else None
+
+
 def write_job(path: Path, job: dict[str, Any]) -> None:
     write_json_atomic(path, job, default=str)
 

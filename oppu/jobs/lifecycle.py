@@ -31,11 +31,14 @@ from oppu.jobs.folder import (
     RESUMABLE_STATES,
     RUNNER_RE,
     JobError,
+    elapsed,
+    end_attempt,
     job_dir,
     new_job_id,
     read_events,
     read_job,
     root_lock,
+    transition,
     write_job,
 )
 from oppu.jobs.progress import summarize_progress
@@ -120,7 +123,11 @@ def reconcile(root: str | os.PathLike[str]) -> None:
         folder = job_dir(root, job["job_id"])
         reason = dead_reason(job, folder)
         if reason is not None:
-            job.update(state="interrupted", finished=time.time(), error=f"interrupted: {reason}")
+            now = time.time()
+            beat = heartbeat_age(folder, now)
+            # the worker died at its last heartbeat, not when we noticed
+            end_attempt(job, now - beat if beat is not None else now)
+            transition(job, "interrupted", finished=now, error=f"interrupted: {reason}")
             write_job(folder / "job.json", job)
         elif job.get("state") == "running":
             running += 1
@@ -141,7 +148,7 @@ def _spawn(root: str | os.PathLike[str], job: dict[str, Any]) -> None:
             cwd=job.get("cwd") or os.getcwd(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)  # survives the dashboard/CLI exiting; its own process group for SIGTERM
     _children[proc.pid] = proc
-    job.update(state="running", pid=proc.pid, host=socket.gethostname(), started=time.time(), finished=None)
+    transition(job, "running", pid=proc.pid, host=socket.gethostname(), started=time.time(), finished=None)
     write_job(folder / "job.json", job)
 
 
@@ -174,7 +181,8 @@ def submit(cfg: Any, jobs_root: str | os.PathLike[str] = DEFAULT_ROOT, backend: 
            "address": address,
            "shares": shares, "runner": runner, "max_workers": max_workers or DEFAULT_MAX_WORKERS,
            "cwd": os.getcwd(), "state": "queued", "created": time.time(), "started": None, "finished": None,
-           "pid": None, "host": None, "error": None, "traceback": None, "attempts": 0}
+           "pid": None, "host": None, "error": None, "traceback": None, "attempts": 0, "elapsed_before": 0.0,
+           "history": [{"state": "queued", "t": time.time()}]}
     with root_lock(jobs_root):
         write_job(folder / "job.json", job)
         if start:
@@ -209,8 +217,7 @@ def get_job(root: str | os.PathLike[str], job_id: str) -> dict[str, Any]:
     job.update(summarize_progress(read_events(folder), now))
     job["id"] = job["job_id"]
     job["task"] = (job.get("config") or {}).get("task")
-    end = job.get("finished") if job.get("state") != "running" else None
-    job["elapsed_s"] = (end or now) - job["started"] if job.get("started") else None
+    job["elapsed_s"] = elapsed(job, now)
     job["heartbeat_age_s"] = heartbeat_age(folder, now)
     if job.get("state") != "running":
         job["eta_s"] = None
@@ -226,7 +233,7 @@ def cancel(root: str | os.PathLike[str], job_id: str, wait_s: float = 0.0) -> st
     with root_lock(root):
         job = read_job(root, job_id)
         if job["state"] == "queued":
-            job.update(state="cancelled", finished=time.time())
+            transition(job, "cancelled", finished=time.time())
             write_job(folder / "job.json", job)
             return "cancelled"
         if job["state"] != "running":
@@ -256,7 +263,8 @@ def resume(root: str | os.PathLike[str], job_id: str) -> str:
             raise JobError(f"job {job_id} is {job['state']}: only interrupted, failed or cancelled jobs resume")
         with contextlib.suppress(FileNotFoundError):
             (folder / "cancel").unlink()
-        job.update(state="queued", error=None, traceback=None, started=None, finished=None, pid=None)
+        transition(job, "queued", passed="resumed", error=None, traceback=None, started=None, finished=None,
+                   pid=None)
         write_job(folder / "job.json", job)
         reconcile(root)
     return job_id

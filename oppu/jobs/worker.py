@@ -28,8 +28,10 @@ from oppu.jobs.folder import (
     JobError,
     append_event,
     job_dir,
+    end_attempt,
     read_job,
     root_lock,
+    transition,
     write_job,
 )
 from oppu.jobs.lifecycle import pid_alive, reconcile
@@ -100,7 +102,7 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
         if job["state"] not in ("queued", "running"):
             print(f"job {job_id} is {job['state']}: resume it with `oppu jobs resume {job_id}`", file=sys.stderr)
             return 2
-        job.update(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
+        transition(job, "running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
                    finished=None, attempts=int(job.get("attempts") or 0) + 1)
         write_job(folder / "job.json", job)
     beat = _Heartbeat(folder)
@@ -145,7 +147,11 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
                 store.set_status(job["run_id"], final.get("state", "failed"))
         with root_lock(root):
             job = read_job(root, job_id)
-            job.update(final, finished=time.time())
+            now = time.time()
+            if job.get("state") == "running":  # not already recorded interrupted by a reader
+                end_attempt(job, now)
+            transition(job, final.get("state", "failed"), **{k: v for k, v in final.items() if k != "state"},
+                       finished=now)
             write_job(folder / "job.json", job)
             reconcile(root)  # a slot is free: start the next queued job
     print(f"job {job_id}: {final.get('state')}" + (f" ({final['error']})" if final.get("error") else ""),

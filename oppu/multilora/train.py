@@ -9,6 +9,7 @@ schedule and padding are `oppu.train`'s, shared with the PEFT loop.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,7 +128,8 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
                         schedule: Callable[[int, int, int], float] = linear_schedule, pad_id: int,
                         tokens_per_forward: int | None = None, seed: int = 0,
                         progress: Callable[[int, int, dict[str, float]], None] | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> dict[str, list[float]]:
+                        should_stop: Callable[[], bool] | None = None, checkpoint: Any = None
+                        ) -> dict[str, list[float]]:
     """Train each named adapter on its own batches, all users' i-th batches in one step.
 
     `batches[user]` is that user's list of batches in order (e.g. from `make_batches`), exactly as a per-user
@@ -141,7 +143,8 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
     AdamW are per user. LoRA dropout (the MultiLora's `dropout`) draws each row's mask from `seed`, the user's
     own step count and the row's index in its batch (`row_seed`), so it is also the same as training alone.
     `pad_id` pads the rows on the right (`oppu.train.training_pad_id(tokenizer)`). Returns each user's loss per
-    step.
+    step. `checkpoint` (an `oppu.checkpoint.Checkpoint`): each user's slot of the factors and of AdamW's
+    moments, step counts and losses are saved there as training goes, and training continues from them.
     """
     tokens_per_forward = tokens_per_forward or tokens_per_forward_for(ml.model)
     users = list(batches)
@@ -161,10 +164,16 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
     opt = _SlotAdamW(params, betas=betas, eps=eps, weight_decay=weight_decay)
     history: dict[str, list[float]] = {u: [] for u in users}
     n_steps = max((len(b) for b in batches.values()), default=0)
+    identity = {"users": sorted(users), "steps": n_steps, "totals": {u: totals[u] for u in sorted(users)},
+                "shapes": [list(p.shape[1:]) for p in params]}
+    start = 0
+    state = checkpoint.load(identity) if checkpoint is not None else None
+    if state is not None:
+        start = _restore_slots(state, slots, params, opt, taken, history)
     was_training = ml.model.training
     ml.model.train()
     try:
-        for step in range(n_steps):
+        for step in range(start, n_steps):
             if should_stop is not None and should_stop():
                 break
             present = [u for u in users if step < len(batches[u]) and len(batches[u][step]) > 0]
@@ -203,6 +212,8 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
             for u in present:
                 taken[u] += 1
                 history[u].append(losses[u])
+            if checkpoint is not None and checkpoint.due(step + 1, n_steps):
+                checkpoint.save(identity, _slot_state(step + 1, slots, params, opt, taken, history))
             if progress is not None:
                 progress(step + 1, n_steps, losses)
     finally:
@@ -216,11 +227,38 @@ def train_users_batched(ml: MultiLora, batches: Mapping[str, Sequence[Sequence[T
     return history
 
 
+def _slot_state(step: int, slots: Mapping[str, int], params, opt: _SlotAdamW, taken: Mapping[str, int],
+                history: Mapping[str, list[float]]) -> dict[str, Any]:
+    """What a checkpoint keeps of each user: its slot of every factor and AdamW moment, its step count, losses."""
+    return {"step": step, "users": {
+        u: {"params": [p.detach()[s].clone() for p in params], "m": [m[s].clone() for m in opt.m],
+            "v": [v[s].clone() for v in opt.v], "opt_steps": int(opt.steps[s]), "taken": int(taken[u]),
+            "history": list(history[u])} for u, s in slots.items()}}
+
+
+def _restore_slots(state: Mapping[str, Any], slots: Mapping[str, int], params, opt: _SlotAdamW,
+                   taken: dict[str, int], history: dict[str, list[float]]) -> int:
+    """Put a checkpoint's per-user state back into the users' (possibly different) slots; returns its step."""
+    with torch.no_grad():
+        for u, s in slots.items():
+            saved = state["users"][u]
+            for p, value in zip(params, saved["params"], strict=True):
+                p[s].copy_(value)
+            for m, value in zip(opt.m, saved["m"], strict=True):
+                m[s].copy_(value)
+            for v, value in zip(opt.v, saved["v"], strict=True):
+                v[s].copy_(value)
+            opt.steps[s] = int(saved["opt_steps"])
+            taken[u] = int(saved["taken"])
+            history[u] = [float(x) for x in saved["history"]]
+    return int(state["step"])
+
+
 def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, peft_cfg, train_cfg, *,
                 histories: Mapping[str, Sequence[Any]] | None = None, retriever=None,
                 profiles: Mapping[str, str | None] | None = None, adapter_keys: Mapping[str, str] | None = None,
                 progress: Callable[[str, int, int, float], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+                should_stop: Callable[[], bool] | None = None, checkpoint: Any = None) -> dict[str, Any]:
     """Drop-in for `oppu.train.train_users` on a `MultiLora`: the same examples (built from each user alone by
     `oppu.examples.user_examples`), encoding, batch order, schedule and clipping, with all users in one loop.
 
@@ -250,15 +288,25 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
                         make_batches(len(encoded), train_cfg.batch_size, train_cfg.epochs, train_cfg.seed)]
         info[key] = (uid, examples, items)
     stopped = []
+    # Each user's own step after global step i, as the per-user loop counts it (an empty batch is no step).
+    own_steps = {key: list(itertools.accumulate(1 if b else 0 for b in user_batches))
+                 for key, user_batches in batches.items()}
 
-    taken = dict.fromkeys(batches, 0)
+    def stage(key: str) -> str:
+        return f"user:{info[key][0]}:{style.key}"
+
+    if progress is not None:
+        saved = checkpoint.load_any() if checkpoint is not None else None
+        at = int(saved["step"]) if saved is not None else 0
+        for key in batches:  # every user's total is known before its first step
+            done = own_steps[key][min(at, len(own_steps[key])) - 1] if at and own_steps[key] else 0
+            progress(stage(key), done, len(batches[key]), None)
 
     def report(step: int, total: int, losses: dict[str, float]) -> None:
         # Each user's own step of its own total, as the per-user loop reports it (users differ in batch counts).
         for key, loss in losses.items():
-            taken[key] += 1
             if progress is not None:
-                progress(f"user:{info[key][0]}:{style.key}", taken[key], len(batches[key]), loss)
+                progress(stage(key), own_steps[key][step - 1], len(batches[key]), loss)
 
     def stop() -> bool:
         if should_stop is not None and should_stop():
@@ -269,7 +317,7 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
     history = train_users_batched(ml, batches, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                                   warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=train_cfg.max_grad_norm,
                                   pad_id=training_pad_id(tokenizer), seed=train_cfg.seed, progress=report,
-                                  should_stop=stop)
+                                  should_stop=stop, checkpoint=checkpoint)
     if stopped:
         raise StopRequested("stopped between two multi-user training steps")
     results = {}

@@ -133,6 +133,68 @@ def test_kill_9_at_every_stage_then_resume_equals_an_uninterrupted_run(crash_cfg
     assert leftovers == [], leftovers  # killed atomic writes left no temp folder behind after the resume
 
 
+def _stage_steps(events: list[dict], stage: str, user: str | None = None) -> list[int]:
+    return [int(e.get("step") or 0) for e in events
+            if e.get("stage") == stage and (user is None or e.get("user") == user)]
+
+
+def _checkpointed_step(folder: Path) -> int:
+    import torch
+
+    (path,) = list(folder.rglob("state.pt"))
+    return int(torch.load(path, weights_only=True)["step"])
+
+
+def test_kill_9_mid_stage_then_resume_continues_from_the_checkpoint(crash_cfg, reference, tmp_path, monkeypatch):
+    """kill -9 in the middle of task adaptation, resume, kill -9 in the middle of the users' training, resume:
+    each resumed attempt continues the killed stage at its last checkpoint, never at step 0; the job's history
+    keeps every state it passed through and its elapsed time adds up; the final predictions are the
+    uninterrupted run's."""
+    monkeypatch.setenv("OPPU_CHECKPOINT_EVERY", "1")  # the workers inherit it
+    cfg = crash_cfg.replace(db=str(tmp_path / "r.duckdb"), artifacts_dir=str(tmp_path / "art"))
+    root = tmp_path / "jobs"
+    job_id = jobs.submit(cfg, root)
+    points = [("task_adaptation", None, Path(cfg.artifacts_dir) / "task_adapters"),
+              ("train_user", "bob", Path(cfg.artifacts_dir) / "checkpoints")]
+    saved, elapsed = [], 0.0
+    for i, (stage, user, folder) in enumerate(points):
+        if i:
+            jobs.resume(root, job_id)
+        pid = jobs.get_job(root, job_id)["pid"]
+        deadline = time.monotonic() + 180
+        while not (max(_stage_steps(_attempt_events(root, job_id), stage, user), default=0) >= 3
+                   and list(folder.rglob("state.pt"))):
+            assert time.monotonic() < deadline and jobs.get_job(root, job_id)["state"] == "running", \
+                (stage, jobs.logs(root, job_id))
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        _wait_state(root, job_id, {"interrupted"}, 10)
+        saved.append(_checkpointed_step(folder))
+        assert saved[-1] >= 1, stage
+        job = jobs.get_job(root, job_id)
+        assert job["elapsed_s"] > elapsed  # attempts add up: a resume does not reset the clock
+        elapsed = job["elapsed_s"]
+        if i:  # the attempt that was just killed continued task adaptation from its checkpoint
+            steps = _stage_steps(_attempt_events(root, job_id), "task_adaptation")
+            _assert_continues(steps, saved[0])
+    jobs.resume(root, job_id)
+    _wait_state(root, job_id, {"done", "failed"}, 240)
+    job = jobs.get_job(root, job_id)
+    assert job["state"] == "done", jobs.logs(root, job_id)
+    _assert_continues(_stage_steps(_attempt_events(root, job_id), "train_user", "bob"), saved[1])
+    assert _answers(cfg.db, job_id) == reference
+    assert [h["state"] for h in job["history"]] == ["queued", "running", "interrupted", "resumed", "running",
+                                                     "interrupted", "resumed", "running", "done"]
+    assert job["elapsed_s"] > elapsed
+    assert not list(Path(cfg.artifacts_dir).rglob("state.pt"))  # every checkpoint removed once its stage saved
+
+
+def _assert_continues(steps: list[int], saved: int) -> None:
+    """A stage's steps in one attempt: an optional step-0 announcement, then the checkpoint's step, then on."""
+    moving = [s for s in steps if s > 0]
+    assert moving and moving[0] == saved and moving == sorted(moving), (saved, steps)
+
+
 def _wait_state(root, job_id, states, timeout):
     deadline = time.monotonic() + timeout
     while jobs.get_job(root, job_id)["state"] not in states:
