@@ -1,6 +1,6 @@
 """Entry point of the dashboard: `streamlit run dashboard/app.py` (or `oppu dashboard`).
 
-Lists the six pages explicitly with st.navigation: the page scripts live in the top-level `pages/` folder, which
+Lists the pages explicitly with st.navigation: the page scripts live in the top-level `pages/` folder, which
 Streamlit does not discover from an entry script in `dashboard/`.
 """
 
@@ -17,6 +17,7 @@ PAGES = [
     st.Page("../pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("../pages/analyses.py", title="Analyses", icon=":material/insights:"),
     st.Page("../pages/adapters.py", title="Adapters", icon=":material/folder_zip:"),
+    st.Page("../pages/playground.py", title="Playground", icon=":material/chat:"),
 ]
 
 st.set_page_config(page_title="OPPU Studio", page_icon=":material/person:", layout="wide")

@@ -93,7 +93,13 @@ def prompt_style(manifest: dict):
 
 def task_adapter_folder(artifacts: str | Path, manifest: dict) -> Path | None:
     """The task-adaptation LoRA a personal adapter was trained on top of (its prompt style's task-adapted base),
-    or None when its run had no task adaptation or the cached LoRA is gone.
+    or None when its run had no task adaptation or the cached LoRA is gone."""
+    return task_adapter_for(artifacts, run_config(manifest), prompt_style(manifest),
+                            str(manifest.get("data_fingerprint", "")))
+
+
+def task_adapter_for(artifacts: str | Path, cfg, style, data_fingerprint: str) -> Path | None:
+    """The cached task LoRA of one prompt style of a run (`cfg`, a `RunConfig` as the run stored it), or None.
 
     Found by the cache key `oppu.adaptation.adapt_task` used (model, task, data, settings, style, retriever); a
     LoRA cached under an older key format is matched by its manifest's task, model, data and style instead.
@@ -103,14 +109,12 @@ def task_adapter_folder(artifacts: str | Path, manifest: dict) -> Path | None:
     from oppu.adaptation import adaptation_key
     from oppu.paths import safe_component
 
-    cfg = run_config(manifest)
     if not cfg.task_adaptation:
         return None
-    style = prompt_style(manifest)
-    fingerprint = str(manifest.get("data_fingerprint", ""))
     model_name = cfg.model.name  # already `model_key` of the run's model (`experiment.portable_config`)
-    key = adaptation_key(model=model_name, task=cfg.task, data=fingerprint, peft=asdict(cfg.adaptation_peft),
-                         train=asdict(cfg.adaptation_train), style=asdict(style), retriever=cfg.retrieval.retriever)
+    key = adaptation_key(model=model_name, task=cfg.task, data=data_fingerprint,
+                         peft=asdict(cfg.adaptation_peft), train=asdict(cfg.adaptation_train), style=asdict(style),
+                         retriever=cfg.retrieval.retriever)
     root = Path(artifacts) / TASK_ADAPTERS / safe_component(cfg.task)
     if (root / key / "adapter_model.safetensors").is_file():
         return root / key
@@ -120,7 +124,8 @@ def task_adapter_folder(artifacts: str | Path, manifest: dict) -> Path | None:
         except (OSError, ValueError):
             continue
         if (meta.get("task"), meta.get("model"), meta.get("data_fingerprint"), meta.get("style_key")) == \
-                (cfg.task, model_name, fingerprint, style.key) and (path.parent / "adapter_model.safetensors").is_file():
+                (cfg.task, model_name, data_fingerprint, style.key) and \
+                (path.parent / "adapter_model.safetensors").is_file():
             return path.parent
     return None
 
