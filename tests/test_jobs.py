@@ -100,8 +100,10 @@ def test_new_job_ids_are_valid_and_distinct():
 
 
 def test_progress_events_from_run_experiment_reports():
-    assert jobs.progress_event("adapt:LaMP_2M", 2, 10, 1.5) == {
-        "stage": "task_adaptation", "user": "__task__", "step": 2, "steps_total": 10, "loss": 1.5}
+    # task adaptation is no user: it carries its prompt style, never a made-up user id
+    assert jobs.progress_event("adapt:LaMP_2M:rag1", 2, 10, 1.5) == {
+        "stage": "task_adaptation", "key": "adapt:LaMP_2M:rag1", "style": "rag1", "step": 2, "steps_total": 10,
+        "loss": 1.5}
     assert jobs.progress_event("user:u:1:rag1", 1, 4, 0.5)["user"] == "u:1"  # ids may contain ':'
     assert jobs.progress_event("users", 3, 5, None) == {"stage": "users", "users_done": 3, "users_total": 5}
     assert jobs.progress_event({"stage": "generate", "user": "x"}) == {"stage": "generate", "user": "x"}
@@ -115,11 +117,12 @@ def test_summarize_progress_counts_users_and_extrapolates():
               {"t": 20, "stage": "train_user", "user": "b", "step": 2, "steps_total": 2, "loss": 1.0},
               {"t": 30, "stage": "train_user", "user": "c", "step": 1, "steps_total": 2, "loss": 2.0}]
     s = jobs.summarize_progress(events, now=40)
-    # user a was done before this attempt, b is trained, c half way: 2.5 of 4
-    assert s["progress"] == pytest.approx(2.5 / 4) and s["user_index"] == 3 and s["users_done"] == 2
+    # user a was done before this attempt, b is trained, c half way: 2.5 of 4; only a is done (results are
+    # stored when a chunk ends, so b counts as done once the runner reports it)
+    assert s["progress"] == pytest.approx(2.5 / 4) and s["user_index"] == 3 and s["users_done"] == 1
     assert s["eta_s"] == pytest.approx(30 * 1.5 / 1.5)  # 1.5 users in 30 s since the first training step
     assert s["loss"] == 2.0 and s["loss_history"] == [3.0, 1.0, 2.0] and s["user"] == "c"
-    assert s["losses"][0] == {"step": 1, "loss": 3.0, "user_id": "b"}
+    assert s["losses"][0] == {"step": 1, "loss": 3.0, "user_id": "b", "style": "", "stage": "train_user"}
     finished = jobs.summarize_progress(events + [{"t": 50, "stage": "users", "users_done": 4, "users_total": 4},
                                                  {"t": 51, "stage": "done"}], now=60)
     assert finished["progress"] == 1.0 and finished["eta_s"] is None
@@ -200,7 +203,8 @@ def test_submit_shows_progress_then_done(env):
     assert seen["users_total"] == 3 and seen["loss"] is not None and seen["elapsed_s"] >= 0
     _wait(lambda: _state(root, job_id) == "done")
     job = jobs.get_job(root, job_id)
-    assert job["progress"] == 1.0 and job["user_index"] == 3 and job["error"] is None
+    # done: every user finished, none is being worked on any more
+    assert job["progress"] == 1.0 and job["users_done"] == 3 and job["user_index"] is None and job["error"] is None
     store = Store(env / "r.duckdb")
     assert store.prediction_count(job_id) == 3 * 2 * 2
     run = store.runs().set_index("run_id").loc[job_id]
@@ -385,3 +389,33 @@ def test_liveness_uses_the_process_on_this_host_and_the_heartbeat_elsewhere(tmp_
     assert "heartbeat" in dead_reason(elsewhere, folder)
     (folder / "heartbeat").touch()
     assert dead_reason(elsewhere, folder) is None
+
+
+def test_worker_log_reads_config_plan_stages_steps_and_the_cause_of_a_failure(env, capsys):
+    """The worker log: resolved config, plan, each stage's start, a line per N steps with loss and speed, its
+    end, and a failure's error with its cause; library FutureWarnings stay out of it."""
+    import warnings
+
+    def runner(cfg, progress=None, should_stop=None, store=None, run_id=None, job_id=None):
+        warnings.warn("`x` is deprecated", FutureWarning)
+        progress("adapt:LaMP_2M:plain", 0, 20, None)
+        for step in range(1, 21):
+            progress("adapt:LaMP_2M:plain", step, 20, 1.0 / step)
+        try:
+            raise ValueError("the tokenizer has no pad token")
+        except ValueError as err:
+            raise RuntimeError("task adaptation failed") from err
+
+    root = env / "jobs"
+    job_id = jobs.submit(_cfg(env, ""), root, start=False)
+    assert jobs.run_worker(root, job_id, runner=runner) == 1
+    log = capsys.readouterr().err
+    assert "resolved config: {" in log and '"task": "LaMP_2M"' in log
+    assert "plan: 1 task adaptation stage(s)" in log
+    assert "adapt:LaMP_2M:plain: start (20 steps)" in log
+    assert "adapt:LaMP_2M:plain: step 10/20 loss 0.1000" in log and "s/step)" in log
+    assert "adapt:LaMP_2M:plain: done in" in log
+    assert "failed: RuntimeError: task adaptation failed" in log
+    assert "caused by ValueError: the tokenizer has no pad token" in log
+    assert "FutureWarning" not in log
+    assert jobs.get_job(root, job_id)["error"] == "RuntimeError: task adaptation failed"

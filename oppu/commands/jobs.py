@@ -45,10 +45,12 @@ def progress_line(job: dict[str, Any], width: int = 30) -> str:
     fraction = job.get("progress")
     bar = "#" * round((fraction or 0) * width)
     parts = [f"[{bar:.<{width}}] {'?' if fraction is None else f'{fraction:4.0%}'} {job['state']}"]
-    if job.get("stage"):
-        parts.append(str(job["stage"]))
-    if job.get("users_total"):
-        parts.append(f"user {job.get('user_index') or 0} of {job['users_total']}")
+    if job.get("phase") or job.get("stage"):
+        parts.append(str(job.get("phase") or job["stage"]))
+    if job.get("users_total") and job.get("user_index"):
+        parts.append(f"user {job['user_index']} of {job['users_total']}")
+    elif job.get("users_total"):
+        parts.append(f"users done {job.get('users_done') or 0} of {job['users_total']}")
     if job.get("steps_total"):
         parts.append(f"step {job.get('step') or 0}/{job['steps_total']}")
     if job.get("loss") is not None:

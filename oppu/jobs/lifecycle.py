@@ -146,10 +146,17 @@ def _spawn(root: str | os.PathLike[str], job: dict[str, Any]) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "oppu", "worker", job["job_id"], "--root", str(Path(root).resolve())],
             cwd=job.get("cwd") or os.getcwd(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env={**_quiet_env(), **os.environ},
             start_new_session=True)  # survives the dashboard/CLI exiting; its own process group for SIGTERM
     _children[proc.pid] = proc
     transition(job, "running", pid=proc.pid, host=socket.gethostname(), started=time.time(), finished=None)
     write_job(folder / "job.json", job)
+
+
+def _quiet_env() -> dict[str, str]:
+    from oppu.jobs.worker import QUIET_ENV
+
+    return dict(QUIET_ENV)
 
 
 # -- public API --------------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ It resolves the job's runner (`module:function`, by default `oppu.experiment.run
 the results store linked to the job, calls the runner with a progress callback that appends to the job's event
 log and a `should_stop` that reads the cancel flag, and records the final state in job.json whatever happens.
 Ray jobs hand their users to `oppu.jobs.ray_backend` instead of calling the runner here.
+
+The worker log (`worker.log`) is meant to be read: the resolved config, the plan, each stage's start and end,
+one line every `LOG_EVERY` steps with the loss and the speed, and a failure's error with its causes; library
+noise (weight-loading bars, FutureWarnings, transformers' info lines) is silenced before the runner imports it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import importlib
+import json
 import os
 import signal
 import socket
@@ -37,6 +42,11 @@ from oppu.jobs.folder import (
 from oppu.jobs.lifecycle import pid_alive, reconcile
 from oppu.jobs.progress import progress_event
 
+LOG_EVERY = int(os.environ.get("OPPU_LOG_EVERY", "10"))
+"""Steps between two progress lines of a training stage in the worker log."""
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
+             "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
+"""Set for the worker process so that libraries keep their progress bars and deprecation notes out of its log."""
 HEARTBEAT_S = 2.0
 """How often the worker touches its heartbeat file."""
 CANCEL_GRACE_S = 3.0
@@ -105,6 +115,7 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
         transition(job, "running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
                    finished=None, attempts=int(job.get("attempts") or 0) + 1)
         write_job(folder / "job.json", job)
+    _quiet_libraries()
     beat = _Heartbeat(folder)
     beat.start()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
@@ -115,16 +126,23 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
         cfg = RunConfig.from_dict(job["config"])
         run = runner or resolve_runner(job.get("runner"))
         store = _open_store(cfg, job)
+        done_before = store.done_users(job["run_id"])
         append_event(folder, {"stage": "started" if job["attempts"] == 1 else "resumed", "attempt": job["attempts"],
-                               "users_total": len(cfg.user_ids) if cfg.user_ids else cfg.users,
-                               "users_done_before": len(store.done_users(job["run_id"]))})
+                               "users_total": len(job.get("users") or ()) or (len(cfg.user_ids) if cfg.user_ids
+                                                                                else cfg.users),
+                               "users_done_before": len(done_before)})
+        _log(f"job {job_id}: attempt {job['attempts']}, run {job['run_id']}, {len(done_before)} user(s) already done")
+        _log("resolved config: " + json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+        stages = _plan(cfg, done_before)
+        if stages is not None:
+            append_event(folder, {"stage": "plan", "stages": stages})
         if job["backend"] == "ray":
             # imported here, not at the top: ray_backend builds on this module
             from oppu.jobs.ray_backend import run_ray_job
 
             run_ray_job(job, cfg, folder, store)
         else:
-            run(cfg, progress=progress_writer(folder), should_stop=cancel_flag(folder), store=store,
+            run(cfg, progress=_LogProgress(progress_writer(folder)), should_stop=cancel_flag(folder), store=store,
                 run_id=job["run_id"], job_id=job["job_id"])
         if (folder / "cancel").exists():
             final = {"state": "cancelled"}
@@ -136,8 +154,11 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
         final = {"state": "cancelled" if asked else "interrupted",
                  "error": None if asked else f"interrupted: worker stopped by {err or 'an interrupt'}"}
     except BaseException as err:  # noqa: BLE001 - every failure must land in job.json, then the worker exits
-        final = {"state": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        print(final["traceback"], file=sys.stderr)
+        final = {"state": "failed", "error": one_line_error(err), "traceback": traceback.format_exc()}
+        _log(f"failed: {final['error']}")
+        for cause in _causes(err)[1:]:
+            _log(f"  caused by {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+        print("traceback:\n" + final["traceback"], file=sys.stderr)
     finally:
         beat.stopped.set()
         if previous is not None:
@@ -157,6 +178,98 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
     print(f"job {job_id}: {final.get('state')}" + (f" ({final['error']})" if final.get("error") else ""),
           file=sys.stderr)
     return {"done": 0, "failed": 1}.get(final.get("state", "failed"), 3)
+
+
+def _log(line: str) -> None:
+    print(time.strftime("%H:%M:%S ") + line, file=sys.stderr, flush=True)
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def one_line_error(err: BaseException) -> str:
+    """A failure in one line: a user-facing error's own message, else the exception type and first line."""
+    from oppu.errors import OppuError
+
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, OppuError):
+        return first or type(err).__name__
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    for name in ("transformers", "peft", "huggingface_hub", "sentence_transformers", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    logging.getLogger("oppu").setLevel(logging.INFO)
+
+
+def _plan(cfg: Any, done_users: Any) -> list[dict[str, Any]] | None:
+    """The run's plan (`oppu.jobs.plan.plan_run`) as JSON stages, written to the log; None when the data cannot
+    be read here (the runner then reports the problem itself)."""
+    from oppu.data import load_task_data
+    from oppu.jobs.plan import plan_units
+
+    try:
+        from oppu.jobs.plan import plan_run
+
+        stages = plan_run(cfg, load_task_data(cfg.data_dir, cfg.task), done_users)
+    except Exception as err:  # noqa: BLE001 - progress falls back to counting users
+        _log(f"no plan ({one_line_error(err)}): progress counts finished users only")
+        return None
+    units = plan_units(stages)
+    _log(f"plan: {sum(1 for s in stages if s.kind == 'adapt')} task adaptation stage(s), {units['adapt']} steps; "
+         f"{sum(1 for s in stages if s.kind == 'user')} user stage(s), {units['user']} steps; "
+         f"{units['generate']} answers")
+    return [s.to_dict() for s in stages]
+
+
+class _LogProgress:
+    """Passes every report on to the job's event log and writes the readable lines of the worker log."""
+
+    def __init__(self, inner: Callable[..., None]):
+        self.inner = inner
+        self.started: dict[str, tuple[float, int]] = {}
+        self.last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, *args: Any) -> None:
+        self.inner(*args)
+        if len(args) != 4:
+            return
+        stage, step, total, loss = args
+        now = time.monotonic()
+        if stage == "users":
+            _log(f"users done: {step} of {total}")
+            return
+        if stage not in self.started:
+            self.started[stage] = self.last[stage] = (now, int(step or 0))
+            what = "rows" if str(stage).startswith("generate") else "steps"
+            _log(f"{stage}: start ({total} {what}" + (f", continuing at {step}" if step else "") + ")")
+            if not (total and step == total):
+                return
+        t0, s0 = self.last[stage]
+        if loss is not None and (step % LOG_EVERY == 0 or step == total):
+            speed = (now - t0) / max(1, step - s0)
+            _log(f"{stage}: step {step}/{total} loss {loss:.4f} ({speed:.2f} s/step)")
+            self.last[stage] = (now, step)
+        if total is not None and step == total:
+            begin, first = self.started[stage]
+            _log(f"{stage}: done in {now - begin:.1f} s" + (f" ({(now - begin) / (step - first):.2f} s/step)"
+                                                              if step > first and loss is not None else ""))
 
 
 def progress_writer(folder: Path, **extra: Any) -> Callable[..., None]:
