@@ -1,4 +1,5 @@
-"""Personal adapters on disk: find them, export one user's as a zip, import one back, delete them.
+"""Personal adapters on disk: find them, export one user's as a zip, import one back, update one on new items,
+delete them.
 
 This is the ownership story of OPPU: a user's adapters are standard PEFT folders that can leave with the user
 and be deleted, and never hold another user's data. Layout (written by `oppu.experiment`):
@@ -12,6 +13,7 @@ outside one top folder. Used by `oppu adapters` and the dashboard's Adapters pag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import stat
@@ -314,6 +316,127 @@ def import_zip(zip_path: str | Path, artifacts: str | Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    folder: Path
+    updated: dict[str, dict]
+    """Style -> the lineage entry written (items added, steps, losses)."""
+    skipped: dict[str, str]
+    """Style -> why it was left as it was."""
+    problems: tuple[str, ...] = ()
+    """Items of the file that were dropped, and why."""
+
+
+def read_items(path: str | Path, task) -> tuple[list, list[str]]:
+    """(items, problems) of a JSON list of history items in the task's profile format (`id`, the task's fields,
+    optional `date`)."""
+    from oppu.data import ProblemSink, expect_list, parse_history, read_json
+
+    data, _ = read_json(path)
+    sink = ProblemSink(path)
+    items = list(parse_history(expect_list(data, Path(path), "history items"), task, sink, "items"))
+    return items, [str(p) for p in sink.problems]
+
+
+def update(entry: UserAdapters, items_path: str | Path, *, model: str | None = None, epochs: int | None = None,
+           device: str = "auto", progress=None) -> UpdateResult:
+    """Continue training each of a user's adapters of one run on NEW history items only (items whose ids the
+    adapter already saw are left out), over the task-adapted base the adapter was trained on, with the run's
+    per-user training settings (`epochs` overrides its epoch count).
+
+    Examples are built from the new items alone (a retrieval style retrieves among the earlier new items: the
+    old history is not in the adapter folder, and the update must not need the data folder). Each manifest
+    gains a `lineage` entry (parent adapter's hash, creation time and item count, the items added, steps, final
+    loss) and the grown `item_ids`. Atomic for the whole user folder: the new folder is built beside the old one
+    and swapped in by renames, so a crash leaves the previous adapters exactly as they were. Profile styles are
+    skipped (the profile the adapter was trained with is not stored with it).
+    """
+    import hashlib
+    import time
+    from functools import partial
+
+    from oppu.adaptation import TaskBases
+    from oppu.config import ModelConfig
+    from oppu.examples import user_examples
+    from oppu.experiment import MODEL_CACHE
+    from oppu.model import EMBEDDED_PREFIX, AdapterPool, items_hash, load_model, save_user_adapter
+    from oppu.paths import atomic_folder
+    from oppu.retrieval import get_retriever
+    from oppu.tasks import get_task
+    from oppu.train import answer_end_ids, encode_example, train_loop, training_pad_id
+
+    manifests = {s: read_manifest(entry.folder / s) for s in entry.styles}
+    cfg = run_config(next(iter(manifests.values())))
+    task = get_task(cfg.task)
+    items, problems = read_items(items_path, task)
+    name = model or cfg.model.name
+    if model is None and not name.startswith(EMBEDDED_PREFIX) and "/" not in name:
+        raise AdapterError(f"the adapters were trained on a local model folder ({name}): pass it with --model")
+    train_cfg = cfg.user_train if epochs is None else dataclasses.replace(cfg.user_train, epochs=epochs)
+    plans, skipped = {}, {}
+    for style_key, manifest in manifests.items():
+        style = prompt_style(manifest)
+        seen = set(map(str, manifest.get("item_ids") or ()))
+        new = [item for item in items if str(item.id) not in seen]
+        if style.profile:
+            skipped[style_key] = "a profile style: the profile it was trained with is not stored with the adapter"
+        elif not new:
+            skipped[style_key] = "no new items (every item's id is one the adapter already saw)"
+        else:
+            plans[style_key] = (style, new, manifest)
+    if not plans:
+        raise AdapterError(f"nothing to update for user {entry.user_id!r}: " +
+                           "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    base, tokenizer = load_model(ModelConfig(name=name, device=device, dtype=cfg.model.dtype), MODEL_CACHE)
+    artifacts = entry.folder.parents[3]
+    tasks = {k: task_adapter_folder(artifacts, m) for k, (_, _, m) in plans.items()}
+    bases = TaskBases(base, {k: f for k, f in tasks.items() if f is not None})
+    retriever = get_retriever(cfg.retrieval.retriever,
+                              partial(task.format_item, text_only=cfg.history_format == "text_only"))
+    pool = AdapterPool(base)
+    lineage: dict[str, dict] = {}
+    with atomic_folder(entry.folder) as tmp:
+        for style_key in entry.styles:
+            if style_key not in plans:
+                shutil.copytree(entry.folder / style_key, tmp / style_key)
+                continue
+            style, new, manifest = plans[style_key]
+            bases.use(style_key if tasks[style_key] is not None else None)
+            key = f"{entry.user_id}|{style_key}"
+            pool.load(key, entry.folder / style_key)
+            pool.set(key)
+            params = pool.trainable_parameters(key)
+            examples = user_examples(task, new, style, retriever, None, train_cfg.max_examples, train_cfg.seed)
+            if not examples:
+                raise AdapterError(f"none of the {len(new)} new items makes a {task.id} training example (each "
+                                   f"needs {', '.join(task.profile_fields)})")
+            end_ids = answer_end_ids(tokenizer)
+            encoded = [encode_example(tokenizer, ex, train_cfg.max_length, end_ids) for ex in examples]
+            curve = train_loop(pool.model, params, encoded, train_cfg, training_pad_id(tokenizer),
+                               f"update:{entry.user_id}:{style_key}", progress)
+            for p in params:
+                p.requires_grad_(False)
+            parent_weights = (entry.folder / style_key / "adapter_model.safetensors").read_bytes()
+            step = {"parent": {"sha256": hashlib.sha256(parent_weights).hexdigest()[:16],
+                               "created": manifest.get("created"), "item_count": manifest.get("item_count"),
+                               "final_loss": manifest.get("final_loss")},
+                    "items_added": [str(i.id) for i in new], "examples": len(examples), "steps": len(curve),
+                    "epochs": train_cfg.epochs, "final_loss": curve[-1][1] if curve else None,
+                    "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            ids = [*map(str, manifest.get("item_ids") or ()), *step["items_added"]]
+            added_hash = items_hash([str(i.id) for i in new], [task.format_item(i) for i in new])
+            data = {k: v for k, v in manifest.items() if k not in ("created", "adapter_name", "peft_kind")}
+            # the manifest's user_id wins over the pool key (`save_user_adapter` puts it after the key)
+            data.update(item_ids=ids, item_count=len(ids), final_loss=step["final_loss"], train_curve=curve,
+                        lineage=[*manifest.get("lineage", []), step],
+                        data_hash=hashlib.sha256(f"{manifest.get('data_hash', '')}+{added_hash}".encode())
+                        .hexdigest()[:16])
+            save_user_adapter(pool, key, tmp / style_key, data)
+            pool.delete(key)
+            lineage[style_key] = step
+    return UpdateResult(entry.folder, lineage, skipped, tuple(problems))
 
 
 def _ensure(path: Path) -> Path:

@@ -112,3 +112,99 @@ def test_import_elsewhere_is_servable_at_once(run, exported, tiny_model_dir, tmp
         svc.close()
     with pytest.raises(ValueError, match="exists"):
         import_zip(exported, other)
+
+
+# -- update on new items -------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def bob(run, tmp_path):
+    """A private copy of the run's artifacts (updates change them) and bob's adapters in it."""
+    import shutil
+
+    from oppu.adapters import find
+
+    cfg, run_id, _ = run
+    art = tmp_path / "art"
+    shutil.copytree(cfg.artifacts_dir, art)
+    return next(e for e in find(art, "bob") if e.run_id == run_id)
+
+
+def new_items(path, ids):
+    from conftest import TAGS, WORDS
+
+    items = [{"id": i, "description": " ".join(WORDS[(n + j) % len(WORDS)] for j in range(6)), "tag": TAGS[n % 3],
+              "date": f"2022-02-{n + 1:02d}"} for n, i in enumerate(ids)]
+    path.write_text(json.dumps(items))
+    return path
+
+
+def folder_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_update_trains_on_new_items_only_and_records_lineage(bob, tiny_model_dir, tmp_path):
+    import hashlib
+
+    from oppu.adapters import update
+    from oppu.manifest import read_manifest
+
+    before = {s: read_manifest(bob.folder / s) for s in bob.styles}
+    old_weights = (bob.folder / "plain" / "adapter_model.safetensors").read_bytes()
+    seen = before["plain"]["item_ids"][0]
+    items = new_items(tmp_path / "new.json", [seen, "bob-new1", "bob-new2", "bob-new3"])
+    result = update(bob, items, model=str(tiny_model_dir), device="cpu", epochs=2)
+    assert set(result.updated) == {"plain", "rag"} and not result.skipped
+    for style in ("plain", "rag"):
+        after = read_manifest(bob.folder / style)
+        step = after["lineage"][-1]
+        assert step["items_added"] == ["bob-new1", "bob-new2", "bob-new3"]  # the seen item is not trained again
+        assert step["steps"] == len(after["train_curve"]) > 0 and step["epochs"] == 2
+        assert after["item_ids"] == before[style]["item_ids"] + step["items_added"]
+        assert step["parent"]["created"] == before[style]["created"] and after["user_id"] == "bob"
+    assert result.updated["plain"]["parent"]["sha256"] == hashlib.sha256(old_weights).hexdigest()[:16]
+    assert (bob.folder / "plain" / "adapter_model.safetensors").read_bytes() != old_weights
+
+
+def test_update_with_nothing_new_is_refused(bob, tiny_model_dir, tmp_path):
+    from oppu.adapters import AdapterError, update
+    from oppu.manifest import read_manifest
+
+    seen = read_manifest(bob.folder / "plain")["item_ids"][:2]
+    with pytest.raises(AdapterError, match="no new items"):
+        update(bob, new_items(tmp_path / "old.json", seen), model=str(tiny_model_dir), device="cpu")
+
+
+def test_a_crash_during_update_leaves_the_previous_adapters_intact(bob, tiny_model_dir, tmp_path, monkeypatch):
+    import oppu.train
+    from oppu.adapters import find, update
+
+    before = folder_bytes(bob.folder)
+    real, calls = oppu.train.train_loop, []
+
+    def crash_on_second_style(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oppu.train, "train_loop", crash_on_second_style)
+    with pytest.raises(RuntimeError, match="power cut"):
+        update(bob, new_items(tmp_path / "new.json", ["bob-x1", "bob-x2"]), model=str(tiny_model_dir),
+               device="cpu")
+    assert folder_bytes(bob.folder) == before
+    assert sorted(p.name for p in bob.folder.parent.iterdir()) == sorted(e.folder.name for e in
+                                                                         find(bob.folder.parents[3]) if
+                                                                         e.run_id == bob.run_id)
+
+
+def test_update_command_reports_each_style(bob, tiny_model_dir, tmp_path, capsys):
+    from oppu.__main__ import main
+
+    items = new_items(tmp_path / "new.json", ["bob-c1", "bob-c2"])
+    code = main(["adapters", "--artifacts", str(bob.folder.parents[3]), "update", "bob", "--items", str(items),
+                 "--run", bob.run_id, "--model", str(tiny_model_dir), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("+2 items") == 2
+    assert main(["adapters", "--artifacts", str(bob.folder.parents[3]), "update", "bob", "--items", str(items),
+                 "--run", bob.run_id, "--model", str(tiny_model_dir), "--device", "cpu"]) == 2

@@ -1,11 +1,11 @@
-"""`oppu adapters list|export|delete|import`: a user's personal adapters on disk (core: `oppu.adapters`)."""
+"""`oppu adapters list|export|delete|import|update`: a user's personal adapters on disk (core: `oppu.adapters`)."""
 
 from __future__ import annotations
 
 import argparse
 import zipfile
 
-from oppu.adapters import UserAdapters, adapters_root, delete, export_zip, find, import_zip
+from oppu.adapters import UserAdapters, adapters_root, delete, export_zip, find, import_zip, update
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     delete.add_argument("--run", help="only this run id")
     imp = sub.add_parser("import", help="unpack an exported zip into the artifacts folder")
     imp.add_argument("zip")
+    upd = sub.add_parser("update", help="continue training a user's adapters on new history items only")
+    upd.add_argument("user")
+    upd.add_argument("--items", required=True, help="JSON list of new history items (the task's profile format)")
+    upd.add_argument("--run", help="run id (default: the user's newest run)")
+    upd.add_argument("--model", help="the base model, when the run trained on a local folder")
+    upd.add_argument("--epochs", type=int, help="epochs over the new items (default: the run's per-user epochs)")
+    upd.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
 def _pick(args: argparse.Namespace) -> list[UserAdapters]:
@@ -52,6 +59,15 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "delete":
             for entry in _pick(args):
                 print(f"deleted {delete(entry)}")
+        elif args.action == "update":
+            result = update(_pick(args)[0], args.items, model=args.model, epochs=args.epochs, device=args.device)
+            for problem in result.problems:
+                print(f"skipped item: {problem}")
+            for style, step in result.updated.items():
+                print(f"updated {result.folder / style}: +{len(step['items_added'])} items, {step['steps']} steps, "
+                      f"final loss {step['final_loss']}")
+            for style, why in result.skipped.items():
+                print(f"left {result.folder / style} as it was: {why}")
         else:
             print(f"imported into {import_zip(args.zip, args.artifacts)}")
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
