@@ -439,6 +439,37 @@ def update(entry: UserAdapters, items_path: str | Path, *, model: str | None = N
     return UpdateResult(entry.folder, lineage, skipped, tuple(problems))
 
 
+def launch_update(folder: str | Path, items_json: bytes, artifacts: str | Path, model: str | None = None) -> Path:
+    """Start `oppu adapters update` for a user's folder of one run in its own process (training does not run in
+    the caller, e.g. a dashboard script); the items are saved beside its log under `ARTIFACTS/updates/`.
+    Returns the log file, whose last line says how it ended."""
+    import subprocess
+    import sys
+    import time
+
+    entry = next((e for e in find(artifacts) if e.folder.resolve() == Path(folder).resolve()), None)
+    if entry is None:
+        raise AdapterError(f"{folder} is not a user's adapter folder under {adapters_root(artifacts)}")
+    try:
+        items = json.loads(items_json)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"the new items are not valid JSON: {exc}") from exc
+    if not isinstance(items, list) or not items:
+        raise AdapterError("the new items must be a non-empty JSON list of history items")
+    from oppu.paths import safe_component
+
+    stem = f"{safe_component(entry.user_id)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    logs = _ensure(Path(artifacts) / "updates")
+    items_path, log_path = logs / f"{stem}.items.json", logs / f"{stem}.log"
+    items_path.write_bytes(items_json)
+    argv = [sys.executable, "-m", "oppu", "adapters", "--artifacts", str(artifacts), "update", entry.user_id,
+            "--items", str(items_path), "--run", entry.run_id, *(["--model", model] if model else [])]
+    with open(log_path, "w") as log:
+        subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+    return log_path
+
+
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path

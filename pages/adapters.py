@@ -44,3 +44,17 @@ with widgets.friendly(f"list the adapters in {where.artifacts}"):
             adapter_files.delete_adapter(chosen, where.artifacts)
             widgets.flash(f"Deleted the adapters of user {row['user_id']} ({row['task']}, run {row['run']}).")
             st.rerun()
+
+    st.subheader("Update on new items")
+    st.caption("Continue training this user's adapters on new history items only (a JSON list in the task's "
+               "history format); the manifest records the lineage, and a failed update leaves them as they were.")
+    new_items = st.file_uploader("New history items (JSON)", type=["json"], key="adapter-update-file")
+    if st.button("Update", disabled=new_items is None, icon=":material/update:", key="adapter-update"):
+        import os
+
+        from oppu.adapters import launch_update
+
+        log = launch_update(chosen, new_items.getvalue(), where.artifacts, os.environ.get("OPPU_MODEL"))
+        widgets.flash(f"Updating user {row['user_id']}'s adapters in the background; log: `{log}`.")
+        st.rerun()
+

@@ -208,3 +208,18 @@ def test_update_command_reports_each_style(bob, tiny_model_dir, tmp_path, capsys
     assert code == 0 and out.count("+2 items") == 2
     assert main(["adapters", "--artifacts", str(bob.folder.parents[3]), "update", "bob", "--items", str(items),
                  "--run", bob.run_id, "--model", str(tiny_model_dir), "--device", "cpu"]) == 2
+
+
+def test_launch_update_runs_in_its_own_process(bob, tiny_model_dir, tmp_path):
+    import time
+
+    from oppu.adapters import launch_update
+    from oppu.manifest import read_manifest
+
+    items = new_items(tmp_path / "new.json", ["bob-l1"]).read_bytes()
+    log = launch_update(bob.folder, items, bob.folder.parents[3], str(tiny_model_dir))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and log.read_text().count("updated ") < 2 and "error" not in log.read_text():
+        time.sleep(0.5)
+    assert log.read_text().count("updated ") == 2, log.read_text()
+    assert read_manifest(bob.folder / "plain")["lineage"][-1]["items_added"] == ["bob-l1"]
