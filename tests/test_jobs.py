@@ -178,7 +178,7 @@ def test_failed_runner_records_error_and_traceback(env):
     assert job["state"] == "failed" and "fake failure on user alice" in job["error"]
     assert "RuntimeError" in job["traceback"]
     assert Store(tmp_path / "r.duckdb").runs().iloc[0]["status"] == "failed"
-    assert jobs.run_worker(root, job_id, runner=fake_runner) == 2  # a failed job needs resume first
+    assert jobs.run_worker(root, job_id, runner=fake_runner) == 2  # a failed job needs a retry first
 
 
 def test_job_users_and_code_version_are_the_runs_own(env):
@@ -249,7 +249,7 @@ def test_kill_9_is_interrupted_and_resume_completes_without_duplicates(env):
     job = jobs.get_job(root, job_id)
     assert job["attempts"] == 2 and job["progress"] == 1.0
     assert not any(p["user_id"] == "alice" for p in job["losses"])  # the resumed attempt skipped the finished user
-    with pytest.raises(jobs.JobError, match="only interrupted, failed or cancelled"):
+    with pytest.raises(jobs.JobError, match="only interrupted or cancelled"):
         jobs.resume(root, job_id)
 
 
@@ -334,20 +334,29 @@ def test_cli_submit_show_list_logs_resume(tmp_path, tiny_data_dir):
     code, _, err = _oppu("jobs", "submit", "--root", root, "--task", "LaMP_2M", "--user-ids", "nosuchuser",
                          "--data", str(tiny_data_dir), "--db", str(tmp_path / "r.duckdb"))
     assert code == 2 and "nosuchuser" in err and "Traceback" not in err and not Path(root).exists()
-    # a model folder that does not exist: accepted at submit (no model is loaded there), fails in the worker
-    code, out, _ = _oppu("jobs", "submit", "--root", root, "--task", "LaMP_2M", "--users", "1", "--no-adapt",
+    # a model folder that does not exist: refused at submit, in one line, before anything is queued
+    code, _, err = _oppu("jobs", "submit", "--root", root, "--task", "LaMP_2M", "--users", "1", "--no-adapt",
                          "--data", str(tiny_data_dir), "--db", str(tmp_path / "r.duckdb"),
                          "--model", str(tmp_path / "no-such-model"))
+    assert code == 2 and "no model folder" in err and len(err.strip().splitlines()) == 1 and not Path(root).exists()
+    # a folder that looks like a model but is not one passes that check and fails in the worker
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    code, out, _ = _oppu("jobs", "submit", "--root", root, "--task", "LaMP_2M", "--users", "1", "--no-adapt",
+                         "--data", str(tiny_data_dir), "--db", str(tmp_path / "r.duckdb"), "--model", str(broken))
     job_id = out.strip()
     assert code == 0 and jobs.check_job_id(job_id)
     _wait(lambda: _state(root, job_id) == "failed", timeout=60)
     code, out, _ = _oppu("jobs", "show", job_id, "--root", root)
-    assert code == 0 and "failed" in out and "error:" in out and "no-such-model" in out
+    assert code == 0 and "failed" in out and "error:" in out and "tokenizer" in out
     code, out, _ = _oppu("jobs", "list", "--root", root)
     assert code == 0 and job_id in out
     code, out, _ = _oppu("jobs", "logs", job_id, "--root", root)
     assert code == 0 and "Traceback" in out
-    code, out, _ = _oppu("jobs", "resume", job_id, "--root", root)
+    code, _, err = _oppu("jobs", "resume", job_id, "--root", root)
+    assert code == 2 and "retry" in err
+    code, out, _ = _oppu("jobs", "retry", job_id, "--root", root)
     assert code == 0 and out.strip() == job_id
     code, _, err = _oppu("jobs", "show", "../../etc/passwd", "--root", root)
     assert code == 2 and "invalid job id" in err
@@ -419,3 +428,31 @@ def test_worker_log_reads_config_plan_stages_steps_and_the_cause_of_a_failure(en
     assert "caused by ValueError: the tokenizer has no pad token" in log
     assert "FutureWarning" not in log
     assert jobs.get_job(root, job_id)["error"] == "RuntimeError: task adaptation failed"
+
+
+@pytest.mark.parametrize("name, says", [("no/such-model", "not in the local Hugging Face cache"),
+                                        ("./no-such-folder", "no model folder"),
+                                        ("embedded:NoSuchModel", "no GGUF named NoSuchModel")])
+def test_submit_refuses_an_unknown_model_at_once_with_a_short_message(env, monkeypatch, name, says):
+    from oppu.config import ModelConfig
+    from oppu.errors import OppuError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = env / "jobs"
+    start = time.monotonic()
+    with pytest.raises(OppuError, match=says) as err:
+        jobs.submit(_cfg(env, "").replace(model=ModelConfig(name=name)), root)
+    assert time.monotonic() - start < 2 and len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 300
+    assert not root.exists() or not any(root.iterdir())  # nothing queued
+
+
+def test_a_failed_job_is_retried_not_resumed(env):
+    root = env / "jobs"
+    job_id = jobs.submit(_cfg(env, "steps=1 sleep=0.01 fail=1"), root, start=False)
+    jobs.run_worker(root, job_id, runner=fake_runner)
+    assert _state(root, job_id) == "failed"
+    with pytest.raises(jobs.JobError, match="retry"):
+        jobs.resume(root, job_id)
+    jobs.retry(root, job_id)
+    job = jobs.get_job(root, job_id)
+    assert [h["state"] for h in job["history"]][:4] == ["queued", "running", "failed", "retried"]

@@ -30,6 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--max-workers", type=int, default=None, help="local workers at once (default 1)")
     sub.add_parser("list", parents=[common], help="every job, newest first")
     for name, text in (("show", "state and progress of one job"), ("resume", "continue a stopped job"),
+                       ("retry", "run a failed job again on the same run"),
                        ("cancel", "stop a job; finished users stay stored")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("job_id")
@@ -91,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         print(jobs.cancel(root, args.job_id, wait_s=args.wait))
     elif args.action == "resume":
         print(jobs.resume(root, args.job_id))
+    elif args.action == "retry":
+        print(jobs.retry(root, args.job_id))
     elif args.action == "logs":
         return _logs(jobs, root, args.job_id, args.follow)
     return 0

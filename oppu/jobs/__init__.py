@@ -7,6 +7,8 @@ One module per concern:
     lifecycle.py    local lifecycle: submit, list, show, cancel, resume, logs; starting and reaping workers
     worker.py       the worker process (`oppu worker JOB_ID`): heartbeat, cancel, final state
     ray_backend.py  the Ray backend: a job's users split into shares run as Ray tasks
+    plan.py         a run's stages and their sizes, known before it starts (progress and estimates)
+    sweeps.py       the runs of one analysis as one object: submit, group, preview, cancel
 
 This package re-exports the public names, so `from oppu import jobs; jobs.submit(...)` is the API.
 """
@@ -24,14 +26,17 @@ from oppu.jobs.folder import (
     job_dir,
     new_job_id,
 )
-from oppu.jobs.lifecycle import STALE_S, cancel, get_job, list_jobs, logs, resolve_users, resume, submit
+from oppu.jobs.lifecycle import STALE_S, cancel, get_job, list_jobs, logs, resolve_users, resume, retry, submit
 from oppu.jobs.progress import progress_event, summarize_progress
+from oppu.jobs.plan import Stage, plan_run
 from oppu.jobs.ray_backend import run_ray_job, split_users
+from oppu.jobs.sweeps import cancel_sweep, group_sweeps, submit_sweep
 from oppu.jobs.worker import CANCEL_GRACE_S, HEARTBEAT_S, Runner, resolve_runner, run_worker
 
 __all__ = [
     "BACKENDS", "CANCEL_GRACE_S", "DEFAULT_MAX_WORKERS", "DEFAULT_ROOT", "DEFAULT_RUNNER", "FINAL_STATES",
     "HEARTBEAT_S", "RESUMABLE_STATES", "STALE_S", "STATES", "JobError", "Runner", "cancel", "check_job_id",
     "get_job", "job_dir", "list_jobs", "logs", "new_job_id", "progress_event", "resolve_runner", "resolve_users",
-    "resume", "run_ray_job", "run_worker", "split_users", "submit", "summarize_progress",
+    "resume", "run_ray_job", "run_worker", "split_users", "submit", "summarize_progress", "Stage", "plan_run",
+    "cancel_sweep", "group_sweeps", "submit_sweep", "retry",
 ]

@@ -28,7 +28,9 @@ from oppu.paths import file_lock, write_json_atomic
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL_STATES = frozenset({"done", "failed", "cancelled"})
-RESUMABLE_STATES = frozenset({"interrupted", "failed", "cancelled"})
+RESUMABLE_STATES = frozenset({"interrupted", "cancelled"})
+"""States Resume continues from; a failed job is retried (`oppu.jobs.retry`) instead."""
+RETRY_STATES = frozenset({"failed"})
 BACKENDS = ("local", "ray")
 DEFAULT_ROOT = "runs/jobs"
 DEFAULT_RUNNER = "oppu.experiment:run_experiment"

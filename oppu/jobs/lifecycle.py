@@ -162,7 +162,7 @@ def _quiet_env() -> dict[str, str]:
 # -- public API --------------------------------------------------------------------------------------------------
 def submit(cfg: Any, jobs_root: str | os.PathLike[str] = DEFAULT_ROOT, backend: str = "local", start: bool = True,
            *, address: str | None = None, shares: int | None = None, max_workers: int | None = None,
-           runner: str | None = None, check_data: bool = True) -> str:
+           runner: str | None = None, check_data: bool = True, sweep: dict[str, Any] | None = None) -> str:
     """Queue a run of `cfg` (a `RunConfig`) and, when `start`, start its worker if a slot is free. Returns at once
     with the job id, which is also the run id in the results store.
 
@@ -170,7 +170,9 @@ def submit(cfg: Any, jobs_root: str | os.PathLike[str] = DEFAULT_ROOT, backend: 
     cluster, else a local one). runner: `module:function` called like `run_experiment` (default the real one).
     check_data: read the task data and resolve the users now, so an unusable data folder or an unknown user id
     is refused here (DataError, UnknownUserError) instead of failing later in the worker; nothing is written
-    before that check passes. The resolved ids are kept in job.json (`users`).
+    before that check passes. The resolved ids are kept in job.json (`users`). The model is checked too
+    (`oppu.model.check_model`): an unknown id or a missing folder is refused here with a short message.
+    sweep: the sweep this job belongs to (`oppu.jobs.sweeps.submit_sweep` sets it).
     """
     if backend not in BACKENDS:
         raise JobError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -181,6 +183,10 @@ def submit(cfg: Any, jobs_root: str | os.PathLike[str] = DEFAULT_ROOT, backend: 
     if max_workers is not None and max_workers < 1:
         raise JobError(f"max_workers must be >= 1 (got {max_workers})")
     users = resolve_users(cfg) if check_data else None
+    if check_data:
+        from oppu.model import check_model
+
+        check_model(cfg.model)
     job_id = new_job_id()
     folder = job_dir(jobs_root, job_id)
     folder.mkdir(parents=True, exist_ok=False)
@@ -189,7 +195,7 @@ def submit(cfg: Any, jobs_root: str | os.PathLike[str] = DEFAULT_ROOT, backend: 
            "shares": shares, "runner": runner, "max_workers": max_workers or DEFAULT_MAX_WORKERS,
            "cwd": os.getcwd(), "state": "queued", "created": time.time(), "started": None, "finished": None,
            "pid": None, "host": None, "error": None, "traceback": None, "attempts": 0, "elapsed_before": 0.0,
-           "history": [{"state": "queued", "t": time.time()}]}
+           "history": [{"state": "queued", "t": time.time()}], "sweep": sweep}
     with root_lock(jobs_root):
         write_job(folder / "job.json", job)
         if start:
@@ -260,17 +266,30 @@ def cancel(root: str | os.PathLike[str], job_id: str, wait_s: float = 0.0) -> st
 
 
 def resume(root: str | os.PathLike[str], job_id: str) -> str:
-    """Queue an interrupted, failed or cancelled job again on the same run id and start it if a slot is free.
-    The runner skips users already complete in the store. Returns the job id."""
+    """Queue an interrupted or cancelled job again on the same run id and start it if a slot is free. The
+    runner skips users already complete in the store and training continues from its last checkpoint. A failed
+    job is retried instead (`retry`). Returns the job id."""
+    return _requeue(root, job_id, ("interrupted", "cancelled"), "resumed")
+
+
+def retry(root: str | os.PathLike[str], job_id: str) -> str:
+    """Queue a failed job again on the same run id (what it finished and its checkpoints are kept), e.g. after
+    fixing what its error names. Returns the job id."""
+    return _requeue(root, job_id, ("failed",), "retried")
+
+
+def _requeue(root: str | os.PathLike[str], job_id: str, allowed: tuple[str, ...], passed: str) -> str:
     folder = job_dir(root, job_id)
     get_job(root, job_id)  # records a dead worker as interrupted first
     with root_lock(root):
         job = read_job(root, job_id)
-        if job["state"] not in RESUMABLE_STATES:
-            raise JobError(f"job {job_id} is {job['state']}: only interrupted, failed or cancelled jobs resume")
+        if job["state"] not in allowed:
+            hint = {"failed": f"a failed job is retried: `oppu jobs retry {job_id}`"}.get(
+                job["state"], f"only {' or '.join(allowed)} jobs can be {passed}")
+            raise JobError(f"job {job_id} is {job['state']}: {hint}")
         with contextlib.suppress(FileNotFoundError):
             (folder / "cancel").unlink()
-        transition(job, "queued", passed="resumed", error=None, traceback=None, started=None, finished=None,
+        transition(job, "queued", passed=passed, error=None, traceback=None, started=None, finished=None,
                    pid=None)
         write_job(folder / "job.json", job)
         reconcile(root)

@@ -110,7 +110,8 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
             print(f"job {job_id} already has a live worker (pid {other}); not starting another", file=sys.stderr)
             return 2
         if job["state"] not in ("queued", "running"):
-            print(f"job {job_id} is {job['state']}: resume it with `oppu jobs resume {job_id}`", file=sys.stderr)
+            again = "retry" if job["state"] == "failed" else "resume"
+            print(f"job {job_id} is {job['state']}: {again} it with `oppu jobs {again} {job_id}`", file=sys.stderr)
             return 2
         transition(job, "running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
                    finished=None, attempts=int(job.get("attempts") or 0) + 1)
