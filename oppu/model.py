@@ -423,3 +423,46 @@ def items_hash(item_ids: Sequence[str], texts: Sequence[str]) -> str:
         digest.update(text.encode())
         digest.update(b"\x01")
     return digest.hexdigest()[:16]
+
+
+# -- a fast check at submit time -------------------------------------------------------------------------------
+def check_model(cfg: ModelConfig) -> None:
+    """Refuse, in well under a second and without loading anything, a model the worker could not load: an
+    embedded name that is not shipped, a folder that does not exist or holds no config.json, or a hub id that is
+    neither in the local Hugging Face cache nor (when online) on the hub. Raises ModelLoadError with a short
+    message saying what to pass instead."""
+    name = cfg.name
+    if name.startswith(EMBEDDED_PREFIX):
+        embedded_gguf(name)
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder {path} has no config.json: pass a folder written by "
+                                 "save_pretrained, a hub id, or the default")
+        return
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
+    if not looks_like_hub_id:
+        raise ModelLoadError(f"no model folder {name!r}: pass an existing folder, a hub id (org/name) or the "
+                             f"default {EMBEDDED_MODEL!r}")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache and the hub is offline "
+                             f"(HF_HUB_OFFLINE): download it first (`huggingface-cli download {name}`), pass a "
+                             f"local folder, or use the default {EMBEDDED_MODEL!r}")
+    from huggingface_hub import model_info
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        model_info(name, timeout=5)
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        what = "does not exist on the Hugging Face hub" if status in (401, 404) else f"could not be checked ({status})"
+        raise ModelLoadError(f"model {name!r} {what}: check the id, pass a local folder, or use the default "
+                             f"{EMBEDDED_MODEL!r}") from None
+    except Exception as err:  # noqa: BLE001 - no network: say so instead of failing later in the worker
+        raise ModelLoadError(f"model {name!r} is not in the local cache and the hub is unreachable "
+                             f"({type(err).__name__}): download it first or pass a local folder") from None
