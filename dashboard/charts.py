@@ -2,6 +2,9 @@
 
 No Streamlit and no I/O here, so every chart is testable on its own. Each builder names the columns it reads and
 raises `ChartDataError` (saying which column is missing) rather than drawing a misleading empty chart.
+
+Uncertainty: every bar and line builder draws an error bar on each point whose row carries `ci_low` and `ci_high`
+(an interval from `oppu.uncertainty`), and shows `n_users` / `n_queries` (or `users` / `n`) in its hover text.
 """
 
 from __future__ import annotations
@@ -67,6 +70,36 @@ def _layout(fig: go.Figure, title: str, x_title: str, y_title: str) -> go.Figure
     return fig
 
 
+def has_intervals(df: pd.DataFrame) -> bool:
+    return {"ci_low", "ci_high"} <= set(df.columns)
+
+
+def _error_y(part: pd.DataFrame, value: str) -> dict | None:
+    """Asymmetric error bars from `ci_low`/`ci_high` around column `value`; None without interval columns."""
+    if not has_intervals(part):
+        return None
+    v = part[value].astype(float)
+    return {"type": "data", "symmetric": False, "array": (part["ci_high"].astype(float) - v).clip(lower=0),
+            "arrayminus": (v - part["ci_low"].astype(float)).clip(lower=0), "thickness": 1.5, "width": 5}
+
+
+def _counts(part: pd.DataFrame) -> list[str]:
+    """Per row, "[lo, hi] · 12 users, 71 queries" (whatever of it the row carries), for hover text."""
+    users = next((c for c in ("n_users", "users") if c in part.columns), None)
+    queries = next((c for c in ("n_queries", "n") if c in part.columns), None)
+    out = []
+    for _, row in part.iterrows():
+        bits = []
+        if has_intervals(part) and pd.notna(row["ci_low"]):
+            bits.append(f"95% CI [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+        if users:
+            bits.append(f"{int(row[users])} users")
+        if queries:
+            bits.append(f"{int(row[queries])} queries")
+        out.append(" · ".join(bits))
+    return out
+
+
 def metric_title(metric: str, lower_is_better: bool = False) -> str:
     return f"{metric} ({'lower' if lower_is_better else 'higher'} is better)"
 
@@ -104,10 +137,31 @@ def metric_bars(metrics: pd.DataFrame, title: str = "Metrics by method") -> go.F
     for method in sort_methods(metrics["method"]):
         part = metrics[metrics["method"] == method]
         fig.add_trace(go.Bar(x=part["metric"], y=part["value"], name=method_label(method),
-                             marker_color=METHOD_COLORS.get(method),
-                             text=part["value"].map(lambda v: f"{v:.3f}"), textposition="outside"))
+                             marker_color=METHOD_COLORS.get(method), error_y=_error_y(part, "value"),
+                             text=part["value"].map(lambda v: f"{v:.3f}"), textposition="outside",
+                             customdata=_counts(part),
+                             hovertemplate="%{x}: %{y:.3f}<br>%{customdata}<extra>" + method_label(method)
+                                           + "</extra>"))
     fig.update_layout(barmode="group")
     return _layout(fig, title, "metric", "value")
+
+
+def method_intervals(summary: pd.DataFrame, metric: str, lower_is_better: bool = False,
+                     title: str = "Mean per method with 95% intervals") -> go.Figure:
+    """One bar per `method` at its `mean`, with its `ci_low`–`ci_high` interval as an error bar and the counts
+    (`n_users`, `n_queries`, `n_seeds`) in the hover text (an `oppu.uncertainty` summary)."""
+    _require(summary, ("method", "mean", "ci_low", "ci_high"), "method intervals")
+    fig = go.Figure()
+    for method in sort_methods(summary["method"]):
+        part = summary[summary["method"] == method]
+        seeds = int(part["n_seeds"].iloc[0]) if "n_seeds" in part.columns else 1
+        fig.add_trace(go.Bar(x=[method_label(method)], y=part["mean"], name=method_label(method),
+                             marker_color=METHOD_COLORS.get(method), error_y=_error_y(part, "mean"),
+                             text=[f"{v:.3f}" for v in part["mean"]], textposition="outside",
+                             customdata=[c + (f" · {seeds} seeds" if seeds > 1 else "") for c in _counts(part)],
+                             hovertemplate="%{y:.3f}<br>%{customdata}<extra>" + method_label(method) + "</extra>"))
+    fig.update_layout(showlegend=False)
+    return _layout(fig, title, "method", metric_title(metric, lower_is_better))
 
 
 def lines_by_method(df: pd.DataFrame, x: str, title: str, x_title: str, y_title: str,
@@ -121,7 +175,9 @@ def lines_by_method(df: pd.DataFrame, x: str, title: str, x_title: str, y_title:
         part = part.sort_values(x, key=(lambda col: col.map(rank)) if x_order is not None else None)
         fig.add_trace(go.Scatter(x=part[x], y=part["score"], mode="lines+markers", name=method_label(method),
                                  line={"color": METHOD_COLORS.get(method), "width": 3}, marker={"size": 9},
-                                 hovertemplate="%{x}: %{y:.3f}<extra>" + method_label(method) + "</extra>"))
+                                 error_y=_error_y(part, "score"), customdata=_counts(part),
+                                 hovertemplate="%{x}: %{y:.3f}<br>%{customdata}<extra>" + method_label(method)
+                                               + "</extra>"))
     if x_order is not None:
         fig.update_xaxes(type="category", categoryorder="array", categoryarray=list(x_order))
     return _layout(fig, title, x_title, y_title)
@@ -162,8 +218,11 @@ def grouped_bars(df: pd.DataFrame, group: str, title: str, x_title: str, metric:
     for method in sort_methods(df["method"]):
         part = df[df["method"] == method]
         fig.add_trace(go.Bar(x=part[group].astype(str), y=part["score"], name=method_label(method),
-                             marker_color=METHOD_COLORS.get(method),
-                             text=part["score"].map(lambda v: f"{v:.3f}"), textposition="outside"))
+                             marker_color=METHOD_COLORS.get(method), error_y=_error_y(part, "score"),
+                             text=part["score"].map(lambda v: f"{v:.3f}"), textposition="outside",
+                             customdata=_counts(part),
+                             hovertemplate="%{x}: %{y:.3f}<br>%{customdata}<extra>" + method_label(method)
+                                           + "</extra>"))
     fig.update_layout(barmode="group")
     return _layout(fig, title, x_title, metric_title(metric, lower_is_better))
 

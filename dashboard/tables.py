@@ -1,4 +1,7 @@
-"""Pure pandas transforms behind the dashboard's tables (no Streamlit, no I/O), testable on their own."""
+"""Pure pandas transforms behind the dashboard's tables (no Streamlit, no I/O), testable on their own.
+
+Uncertainty (`interval_table`, `difference_table`, `query_outcomes`) reads the results of `oppu.uncertainty`.
+"""
 
 from __future__ import annotations
 
@@ -79,3 +82,46 @@ def duration(seconds) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+def interval_table(result: dict) -> pd.DataFrame:
+    """An `oppu.uncertainty.summarize` result as one row per method: mean, 95% interval, users, queries, seeds."""
+    pct = f"{result['settings']['ci']:.0%}"
+    rows = [{"method": r["label"], "mean": f"{r['mean']:.3f}", f"{pct} CI": f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+             "users": int(r["n_users"]), "queries": int(r["n_queries"]), "seeds": int(r["n_seeds"])}
+            for r in result["summary"]]
+    return pd.DataFrame(rows, columns=["method", "mean", f"{pct} CI", "users", "queries", "seeds"])
+
+
+def difference_table(differences: Sequence[dict]) -> pd.DataFrame:
+    """Paired differences (`oppu.stats.paired_difference`, labelled) as one row each: difference, interval, p,
+    and the queries the first method wins, ties and loses."""
+    from oppu.uncertainty import format_p
+
+    rows = [{"comparison": f"{d['label_a']} vs {d['label_b']}", "difference": f"{d['diff']:+.3f}",
+             "95% CI": f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", "p": format_p(d["p_value"]),
+             "wins": int(d["wins"]), "ties": int(d["ties"]), "losses": int(d["losses"])} for d in differences]
+    return pd.DataFrame(rows, columns=["comparison", "difference", "95% CI", "p", "wins", "ties", "losses"])
+
+
+OUTCOMES = ("a", "tie", "b")
+"""Per query of two methods a and b: a scores better, both score the same, b scores better."""
+
+
+def query_outcomes(predictions: pd.DataFrame, method_a: str, method_b: str, scoring: str = "official",
+                   lower_is_better: bool = False) -> pd.Series:
+    """query_id -> "a", "tie" or "b" for the queries both methods answered and scored (the per-row score of
+    `scoring`; lower is better for ratings' absolute error), in the predictions' query order."""
+    score = SCORED_COLUMNS[scoring][1]
+    wide = predictions[predictions["method"].isin([method_a, method_b])].pivot_table(
+        index="query_id", columns="method", values=score, aggfunc="first", sort=False)
+    if method_a not in wide.columns or method_b not in wide.columns:
+        return pd.Series(dtype=object, name="outcome")
+    wide = wide.dropna(subset=[method_a, method_b])
+    d = wide[method_a] - wide[method_b]
+    if lower_is_better:
+        d = -d
+    outcome = pd.Series("tie", index=wide.index, name="outcome")
+    outcome[d > 1e-12] = "a"
+    outcome[d < -1e-12] = "b"
+    return outcome

@@ -432,44 +432,34 @@ class Store:
         score under `scoring`; rows without one, e.g. queries without a gold, are left out). Columns: run_id,
         seed, task, user_id, query_id, method, k, peft, history_size, score."""
         correct = _score_column(scoring)
+        run_ids = [str(r) for r in run_ids] or [""]
+        marks = ", ".join("?" * len(run_ids))  # an IN list (not list_contains) lets DuckDB skip other runs' rows
         return self._read(
             f"""SELECT p.run_id, coalesce(p.seed, r.seed, 0) AS seed, p.task, p.user_id, p.query_id, p.method,
                        p.k, p.peft, p.history_size, p.{correct} AS score
                 FROM predictions p LEFT JOIN (SELECT run_id, {_RUN_SEED} AS seed FROM runs) r USING (run_id)
-                WHERE list_contains(?, p.run_id) AND p.{correct} IS NOT NULL
-                ORDER BY p.run_id, p.user_id, p.query_id, p.method""", [list(run_ids)])
+                WHERE p.run_id IN ({marks}) AND p.{correct} IS NOT NULL
+                ORDER BY p.run_id, p.user_id, p.query_id, p.method""", run_ids)
 
-    ANALYSIS_COLUMNS = ("bin", "k", "peft", "history_cutoff", "history_format")
-    """What `analysis_scores` can attach to each scored row: the setting an analysis varies."""
-
-    def analysis_scores(self, task: str, by: str, scoring: str = "official", bins: int = 4) -> pd.DataFrame:
-        """Every scored prediction of a task with the setting one analysis varies, for intervals beside the
-        aggregates of `activity_curve` (`by="bin"`, the same equal-count bins), `k_sweep` (`k`),
-        `peft_comparison` (`peft`), `behaviour_shift` (`history_cutoff`) and `history_format`.
-        Columns: run_id, seed, user_id, query_id, method, <by>, score."""
-        if by not in self.ANALYSIS_COLUMNS:
-            raise StoreError(f"analysis_scores: by={by!r}; use one of {', '.join(self.ANALYSIS_COLUMNS)}")
-        if bins < 1:
-            raise StoreError(f"analysis_scores: bins must be >= 1 (got {bins})")
+    def analysis_cells(self, task: str, scoring: str = "official") -> pd.DataFrame:
+        """Per run, user and method of a task: the sum `s` and count `n` of the per-row scores under `scoring`,
+        with every setting an analysis varies (`k`, `peft`, the config's `history_cutoff` and `history_format`,
+        '' when unset) and the user's `history_size` (the largest stored). What intervals beside
+        `activity_curve`, `k_sweep`, `peft_comparison`, `behaviour_shift` and `history_format` resample (users,
+        and runs as replicates): one scan, thousands of rows from a million-row store.
+        Columns: run_id, user_id, method, k, peft, history_cutoff, history_format, history_size, s, n."""
         correct = _score_column(scoring)
-        base = f"""SELECT p.run_id, coalesce(p.seed, {_RUN_SEED.replace("config", "r.config")}) AS seed,
-                          p.user_id, p.query_id, p.method, p.history_size, p.k, p.peft,
-                          coalesce(json_extract_string(r.config, '$.history_cutoff'), '') AS history_cutoff,
-                          coalesce(json_extract_string(r.config, '$.history_format'), 'full') AS history_format,
-                          p.{correct} AS score
-                   FROM predictions p LEFT JOIN runs r USING (run_id)
-                   WHERE p.task = ? AND p.{correct} IS NOT NULL"""
-        if by != "bin":
-            return self._read(f"""SELECT run_id, seed, user_id, query_id, method, {by}, score FROM ({base})
-                                  ORDER BY 6, method, run_id, user_id, query_id""", [task])
-        # the bins of activity_curve: users (per run) in equal-count bins by their largest history size
         return self._read(
-            f"""WITH rows AS ({base}),
-                users AS (SELECT run_id, user_id, max(history_size) AS h FROM rows GROUP BY run_id, user_id),
-                binned AS (SELECT run_id, user_id, ntile(?) OVER (ORDER BY h, run_id, user_id) AS bin FROM users)
-                SELECT r.run_id, r.seed, r.user_id, r.query_id, r.method, b.bin, r.score
-                FROM rows r JOIN binned b USING (run_id, user_id)
-                ORDER BY b.bin, r.method, r.run_id, r.user_id, r.query_id""", [task, int(bins)])
+            f"""WITH cells AS (
+                    SELECT run_id, user_id, method, k, peft, max(history_size) AS history_size,
+                           sum({correct}) AS s, count(*) AS n
+                    FROM predictions WHERE task = ? AND {correct} IS NOT NULL GROUP BY ALL)
+                SELECT c.run_id, c.user_id, c.method, c.k, c.peft,
+                       coalesce(json_extract_string(r.config, '$.history_cutoff'), '') AS history_cutoff,
+                       coalesce(json_extract_string(r.config, '$.history_format'), '') AS history_format,
+                       c.history_size, c.s, c.n
+                FROM cells c LEFT JOIN runs r USING (run_id) ORDER BY c.run_id, c.user_id, c.method, c.k""",
+            [task])
 
     # -- dashboard queries (each ≤ 300 ms on 1M predictions; see bench/bench_store.py) -----------------------
     def latest_runs(self, limit: int = 20) -> pd.DataFrame:

@@ -38,6 +38,14 @@ def uncertainty(store, run_ids: list[str], scoring: str = "official", reference:
     return summarize(scores, scoring, reference, n_boot, seed)
 
 
+def as_replicates(scores):
+    """The scores with `seed` as the replicate `oppu.stats` resamples: the run's seed, or the run itself when
+    runs repeat a seed (one config run twice is still two replicates)."""
+    if "run_id" in scores.columns and scores.duplicated(["user_id", "query_id", "method", "seed"]).any():
+        return scores.assign(seed=scores["run_id"])
+    return scores
+
+
 def summarize(scores, scoring: str = "official", reference: str | None = None, n_boot: int = N_BOOT,
               seed: int = 0) -> dict:
     """`uncertainty` on a `Store.scores` frame (columns task, run_id, seed, user_id, query_id, method, score)."""
@@ -55,6 +63,8 @@ def summarize(scores, scoring: str = "official", reference: str | None = None, n
     reference = reference or ("none" if "none" in methods else methods[0])
     if reference not in methods:
         raise ValueError(f"reference method {reference!r} is not in the run(s): use one of {', '.join(methods)}")
+    seeds = sorted(int(s) for s in set(scores["seed"]))
+    scores = as_replicates(scores)
     result = compare_methods(scores, reference, n_boot=n_boot, seed=seed, higher_is_better=not lower,
                              methods=methods)
     order = {m: i for i, m in enumerate(methods)}
@@ -63,7 +73,6 @@ def summarize(scores, scoring: str = "official", reference: str | None = None, n
         row["label"] = method_label(row["method"])
     for d in result["differences"]:
         d["label_a"], d["label_b"] = method_label(d["method_a"]), method_label(d["method_b"])
-    seeds = sorted(int(s) for s in set(scores["seed"]))
     result.update(task=tasks[0], scoring=scoring, metric=metric, lower_is_better=lower,
                   runs=sorted(set(scores["run_id"])), seeds=seeds)
     return result
@@ -121,22 +130,73 @@ def difference_line(d: dict[str, Any]) -> str:
     return f"{a} vs {b}: {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {format_p(d['p_value'])}"
 
 
-def grouped_intervals(scores, by: str, higher_is_better: bool = True, n_boot: int = N_BOOT, seed: int = 0,
-                      replicate: str = "run_id"):
-    """Per (`by`, method): mean, ci_low, ci_high, n_users, n_queries, n_seeds of a `Store.analysis_scores` frame.
+def with_activity_bins(cells, bins: int = 4):
+    """`Store.analysis_cells` with `bin` added: users (per run) in `bins` equal-count bins by history size, as
+    `Store.activity_curve` bins them (SQL `ntile` over history size, run id, user id)."""
+    import numpy as np
 
-    `replicate` names the column resampled beside users: every run is a replicate of its setting by default, so
-    runs that repeat a setting (seeds, or the same sweep run twice) widen the interval instead of colliding."""
+    users = (cells.groupby(["run_id", "user_id"], sort=False)["history_size"].max().reset_index()
+             .sort_values(["history_size", "run_id", "user_id"], kind="stable", ignore_index=True))
+    n, b = len(users), max(1, min(int(bins), len(users) or 1))
+    # ntile: the first n % b bins hold one row more than the others
+    sizes = [n // b + (1 if i < n % b else 0) for i in range(b)]
+    users["bin"] = np.repeat(np.arange(1, b + 1), sizes)
+    return cells.merge(users[["run_id", "user_id", "bin"]], on=["run_id", "user_id"], how="left")
+
+
+def grouped_intervals(cells, by: str, n_boot: int = N_BOOT, seed: int = 0, ci: float = 0.95):
+    """Per (`by`, method) of a `Store.analysis_cells` frame (`with_activity_bins` for `by="bin"`): score (the query-weighted mean), ci_low, ci_high,
+    n_users, n_queries, n_runs.
+
+    The interval is `oppu.stats.method_summary`'s percentile cluster bootstrap, drawn from the cells: users are
+    resampled, and the runs behind a point too when there are several (each run a replicate of its setting, with
+    users crossed: one draw of users is shared by the drawn runs)."""
+    import zlib
+
+    import numpy as np
     import pandas as pd
 
-    from oppu.stats import method_summary
+    columns = [by, "method", "score", "ci_low", "ci_high", "n_users", "n_queries", "n_runs"]
+    rows = []
+    for (value, method), group in cells.groupby([by, "method"], sort=True, dropna=False):
+        r_codes, r_levels = pd.factorize(group["run_id"], sort=True)
+        u_codes, u_levels = pd.factorize(group["user_id"], sort=True)
+        n_runs, n_users = len(r_levels), len(u_levels)
+        S, N = np.zeros((n_runs, n_users)), np.zeros((n_runs, n_users))
+        np.add.at(S, (r_codes, u_codes), group["s"].to_numpy(float))
+        np.add.at(N, (r_codes, u_codes), group["n"].to_numpy(float))
+        rng = np.random.default_rng([int(seed), zlib.crc32(f"{value}|{method}".encode())])
+        w = (rng.multinomial(n_runs, np.full(n_runs, 1 / n_runs), size=n_boot) if n_runs > 1
+             else np.ones((n_boot, 1)))
+        # drawing users by index and summing the drawn columns is the multinomial-weights draw, gathered
+        drawn = rng.integers(0, n_users, size=(n_boot, n_users))
+        num = np.take_along_axis(w @ S, drawn, axis=1).sum(axis=1)
+        den = np.take_along_axis(w @ N, drawn, axis=1).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            draws = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+        lo, hi = np.nanquantile(draws, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+        rows.append({by: value, "method": method, "score": float(S.sum() / N.sum()), "ci_low": float(lo),
+                     "ci_high": float(hi), "n_users": int(group["user_id"].nunique()), "n_queries": int(N.sum()),
+                     "n_runs": n_runs})
+    return pd.DataFrame(rows, columns=columns)
 
-    columns = [by, "method", "mean", "ci_low", "ci_high", "n_users", "n_queries", "n_seeds"]
-    if scores.empty:
-        return pd.DataFrame(columns=columns)
-    parts = []
-    for value, group in scores.groupby(by, sort=True, dropna=False):
-        frame = group.assign(seed=group[replicate])[["user_id", "query_id", "method", "seed", "score"]]
-        summary = method_summary(frame, n_boot, seed)
-        parts.append(summary.assign(**{by: value}))
-    return pd.concat(parts, ignore_index=True)[columns]
+
+KEY_PAIRS = (("oppu", "rag"), ("oppu", "none"), ("oppu+rag", "rag"), ("oppu+pag", "pag"), ("rag", "none"))
+"""The comparisons a summary leads with: a personal adapter against retrieval alone and against no
+personalization, each adapter method against its twin without the adapter, and retrieval against nothing."""
+
+
+def key_differences(scores, higher_is_better: bool = True, n_boot: int = N_BOOT, seed: int = 0,
+                    pairs=KEY_PAIRS) -> list[dict[str, Any]]:
+    """`oppu.stats.paired_difference` for each pair of `pairs` whose two methods both have scores, labelled."""
+    from oppu.config import method_label
+    from oppu.stats import paired_difference
+
+    scores = as_replicates(scores)
+    present = set(scores["method"])
+    out = []
+    for a, b in pairs:
+        if a in present and b in present:
+            d = paired_difference(scores, a, b, n_boot, seed, higher_is_better=higher_is_better)
+            out.append({**d, "label_a": method_label(a), "label_b": method_label(b)})
+    return out

@@ -1,5 +1,7 @@
 """Analyses page: the paper's figures from stored runs — activity level (Fig. 3), k (Fig. 4), PEFT type,
-behaviour shift and history format — each downloadable, each with a shortcut that submits its sweep when missing."""
+behaviour shift and history format — each downloadable, each with a shortcut that submits its sweep when missing.
+Every bar and point carries a 95% interval (a bootstrap over users, every run a replicate of its setting) and
+says how many users and queries it averages."""
 
 from __future__ import annotations
 
@@ -7,6 +9,31 @@ import streamlit as st
 
 from dashboard import analyses_view, state, widgets
 from oppu.metrics import row_score_name
+
+# The column each analysis's store query varies, as `Store.analysis_scores` names it.
+VARIED = {"activity_curve": "bin", "k_sweep": "k", "peft_comparison": "peft", "behaviour_shift": "history_cutoff",
+          "history_format": "history_format"}
+
+
+FIGURE_BOOT = 1000
+"""Bootstrap resamples behind the figures' error bars (`oppu results` uses 2000): enough for a bar's ends."""
+
+
+def with_intervals(frame, query: str, task: str, scoring: str):
+    """The analysis frame with ci_low, ci_high, n_users and n_queries per (setting, method)."""
+    from oppu.uncertainty import grouped_intervals, with_activity_bins
+
+    by = VARIED[query]
+    cells = state.query("analysis_cells", task, scoring)
+    if cells.empty:
+        return frame
+    if by == "bin":
+        cells = with_activity_bins(cells)
+    found = grouped_intervals(cells[cells["method"].isin(set(frame["method"]))], by, n_boot=FIGURE_BOOT)
+    found[by] = found[by].astype(frame[by].dtype)
+    return frame.merge(found[[by, "method", "ci_low", "ci_high", "n_users", "n_queries"]], on=[by, "method"],
+                       how="left")
+
 
 st.title("Analyses")
 task = widgets.data_task_picker(key="analyses-task")
@@ -27,6 +54,13 @@ for tab, analysis in zip(tabs, analyses_view.ANALYSES):
                 st.success(f"Submitted {len(job_ids)} job(s): {', '.join(job_ids)}. Follow them on **Train**.")
             if frame.empty:
                 continue
+        frame = with_intervals(frame, analysis.query, task, scoring)
         fig = analysis.chart(frame, metric, lower)
         st.plotly_chart(fig, width="stretch", key=f"chart-{analysis.sweep}")
         widgets.download_chart(fig, frame, f"{task}-{analysis.sweep}")
+        if "n_users" in frame.columns:
+            n = frame.dropna(subset=["n_users"])
+            st.caption(f"Error bars: 95% intervals. Each point averages {int(n['n_users'].min())}–"
+                       f"{int(n['n_users'].max())} users and {int(n['n_queries'].min())}–"
+                       f"{int(n['n_queries'].max())} queries (hover a point for its own counts)."
+                       if not n.empty else "No intervals: no scored answers behind these points.")

@@ -2,6 +2,8 @@
 
 For a task, run and user: input, gold and each method's answer with a correctness mark (or its error / ROUGE-L),
 the items retrieval put in the prompt with their scores, and a filter to the queries where the methods disagree.
+Above it, how sure the run's numbers are (95% intervals over users, and seeds for a seed group) and, for two
+chosen methods, the queries each wins, ties and loses, with the table filtered to any of the three.
 """
 
 from __future__ import annotations
@@ -50,11 +52,61 @@ with widgets.friendly("read the stored runs"):
         col.metric(charts.method_label(method), value, help=help_text)
     st.caption(f"Per-method mean {name} for user {user_id} ({'lower' if lower else 'higher'} is better).")
 
+    from oppu.uncertainty import difference_line, key_differences, summarize
+
+    group = state.query("run_group", run_id)
+    run_ids = tuple(state.query("group_runs", group)["run_id"]) if group else (run_id,)
+    run_scores = state.query("scores", run_ids, scoring)
+    with st.expander("How sure: every user of the run" + (f" and its {len(run_ids)} seeds" if group else ""),
+                     expanded=True, icon=":material/bar_chart:"):
+        result, why = None, "no scored answers in it yet"
+        try:
+            result = summarize(run_scores, scoring) if not run_scores.empty else None
+        except ValueError as exc:  # e.g. a store with repeated rows: the per-user view still works
+            why, run_scores = str(exc), run_scores.iloc[0:0]
+        if result is None:
+            st.caption(f"No intervals for this run: {why}")
+        else:
+            st.table(tables.interval_table(result))
+            for d in key_differences(run_scores, not lower):
+                st.markdown(f"- {difference_line(d)} · wins/ties/losses {d['wins']}/{d['ties']}/{d['losses']}")
+            st.caption("95% intervals from a bootstrap over users" + (" and seeds" if group else "") + "; paired "
+                       "differences on the queries both methods answered, p from a sign-flip test over users.")
+
+    st.subheader("Two methods, query by query")
+    methods = charts.sort_methods(preds["method"])
+    p1, p2, p3 = st.columns([1, 1, 2], vertical_alignment="bottom")
+    method_a = p1.selectbox("Method A", methods, index=methods.index("oppu") if "oppu" in methods else 0,
+                            key="compare-a", format_func=charts.method_label)
+    others = [m for m in methods if m != method_a] or [method_a]
+    favourite_b = next((m for m in ("rag", "none") if m in others), others[0])
+    method_b = p2.selectbox("Method B", others, index=others.index(favourite_b), key="compare-b",
+                            format_func=charts.method_label)
+    outcome = tables.query_outcomes(preds, method_a, method_b, scoring, lower)
+    label_a, label_b = charts.method_label(method_a), charts.method_label(method_b)
+    outcome_labels = {"all": "all queries", "a": f"{label_a} better", "tie": "tie", "b": f"{label_b} better"}
+    counts = outcome.value_counts()
+    show = p3.segmented_control("Show", list(outcome_labels), default="all", key="compare-outcome",
+                                format_func=lambda o: f"{outcome_labels[o]} ({counts.get(o, 0)})"
+                                if o != "all" else outcome_labels[o]) or "all"
+    if not run_scores.empty and method_a != method_b and {method_a, method_b} <= set(run_scores["method"]):
+        from oppu.stats import paired_difference
+        from oppu.uncertainty import as_replicates
+
+        d = paired_difference(as_replicates(run_scores), method_a, method_b, higher_is_better=not lower)
+        d = {**d, "label_a": label_a, "label_b": label_b}
+        st.caption(f"User {user_id}: {label_a} better on {counts.get('a', 0)}, tie on {counts.get('tie', 0)}, "
+                   f"{label_b} better on {counts.get('b', 0)} queries. Every user of the run: "
+                   f"{difference_line(d)}; {label_a} wins {d['wins']}, ties {d['ties']}, loses {d['losses']}.")
+    if show != "all":
+        preds = preds[preds["query_id"].isin(outcome.index[outcome == show])]
+
     only_disagree = st.toggle("Only queries where the methods disagree", key="compare-disagree")
     if only_disagree:
         preds = preds[preds["query_id"].astype(str).isin(state.disagreeing(run_id, user_id, scoring))]
     if preds.empty:
-        st.info("The methods agree on every query of this user." if only_disagree
+        st.info("The methods agree on every query of this user." if only_disagree and show == "all"
+                else f"No query of this user where {outcome_labels[show]}." if show != "all"
                 else "No stored answers for this user.")
         st.stop()
 

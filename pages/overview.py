@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
-from dashboard import charts, forms, state, widgets
+from dashboard import charts, forms, state, tables, widgets
 from oppu import jobs
 
 where = state.paths()
@@ -39,6 +40,33 @@ if tasks:
             job_id = jobs.submit(forms.demo_config(demo_task), str(where.jobs))
             st.success(f"Submitted job `{job_id}`. Open **Train** to watch its progress.")
 
+def uncertainty_section(run_id: str, scoring: str) -> None:
+    """The run's (or its seed group's) per-method means with 95% intervals and the key paired differences."""
+    from oppu.uncertainty import difference_line, key_differences, summarize
+
+    group = state.query("run_group", run_id)
+    run_ids = tuple(state.query("group_runs", group)["run_id"]) if group else (run_id,)
+    scores = state.query("scores", run_ids, scoring)
+    if scores.empty:
+        return
+    try:
+        result = summarize(scores, scoring)
+    except ValueError as exc:  # e.g. a store with repeated rows: the metrics above still show
+        st.caption(f"No intervals for this run: {exc}")
+        return
+    pooled = f"the {len(run_ids)} seeds of group `{group}`" if len(run_ids) > 1 else "this run"
+    st.markdown(f"**How sure are these numbers?** Mean {result['metric']} per query over {pooled}, with 95% "
+                "intervals from a bootstrap over users" + (" and seeds" if len(run_ids) > 1 else "") + ".")
+    st.plotly_chart(charts.method_intervals(pd.DataFrame(result["summary"]), result["metric"],
+                                            result["lower_is_better"]), width="stretch", key="overview-intervals")
+    st.table(tables.interval_table(result))
+    diffs = key_differences(scores, not result["lower_is_better"])
+    for d in diffs:
+        st.markdown(f"- {difference_line(d)} · wins/ties/losses {d['wins']}/{d['ties']}/{d['losses']}")
+    if diffs:
+        st.caption("Paired on the queries both methods answered; p from a sign-flip permutation test over users.")
+
+
 st.subheader("Latest runs")
 with widgets.friendly("read the latest runs"):
     runs = state.query("latest_runs", 10)
@@ -58,3 +86,4 @@ with widgets.friendly("read the latest runs"):
         else:
             st.plotly_chart(charts.metric_bars(metrics, title=f"Run {run_id} · {widgets.SCORING_LABELS[scoring]}"),
                             width="stretch")
+            uncertainty_section(run_id, scoring)
