@@ -83,6 +83,25 @@ def train_config(task: str, form: Mapping[str, Any]) -> RunConfig:
         raise FormError(f"{_label(field)}: {message}" if field else message, field) from exc
 
 
+SEEDS_LABEL = "Seeds (replicates)"
+"""The Train form's seeds field: a comma list; each seed is one job, all in one seed group (`oppu run --seeds`)."""
+
+
+def train_configs(task: str, form: Mapping[str, Any], seeds: str = "") -> list[RunConfig]:
+    """The Train form's configs: `train_config` once, or with `seeds` ("0,1,2") one replicate per seed sharing a
+    new seed group (`oppu.replicates.seed_configs`: the seed sets the personal adapters' initialisation, dropout,
+    example order and sampling; the task-adapted base is shared). A bad seed list raises FormError naming it."""
+    from oppu.replicates import parse_seeds, seed_configs
+
+    cfg = train_config(task, form)
+    if not str(seeds).strip():
+        return [cfg]
+    try:
+        return seed_configs(cfg, parse_seeds(str(seeds)))
+    except ConfigError as exc:
+        raise FormError(f"**{SEEDS_LABEL}**: {exc}", "seeds") from exc
+
+
 def _field_at_fault(task: str, overrides: Mapping[str, Any], message: str) -> str | None:
     """The form field whose value alone, over the defaults, fails with this same message (None when only a
     combination of values fails)."""

@@ -51,21 +51,30 @@ with st.form("train-form", border=True):
                           help="LoRA: train and answer several users in shared batches, each row through its own "
                                "user's adapter (multi-LoRA, the fast default); off: PEFT one user at a time, the "
                                "reference path (same recipe; the random initial draw and dropout masks differ)")
+    seeds = st.text_input(forms.SEEDS_LABEL, value="", key="train-seeds", placeholder="e.g. 0,1,2",
+                          help="Empty: one job. A comma list: one job per seed, grouped, so Overview, Compare and "
+                               "`oppu results --group` show intervals over users and seeds. A seed sets the "
+                               "adapters' initialisation, dropout, example order and sampling; the task-adapted "
+                               "base is shared by every seed.")
     submitted = st.form_submit_button("Submit training job", type="primary", icon=":material/play_arrow:")
 
 if submitted:
     try:
-        cfg = forms.train_config(task, {
+        configs = forms.train_configs(task, {
             "users": int(n_users), "user_ids": chosen or None, "methods": methods, "user_peft.kind": peft_kind,
             "retrieval.retriever": retriever, "retrieval.k": int(k), "user_train.epochs": int(epochs),
             "user_train.lr": float(lr), "user_peft.r": int(rank), "model.name": model, "task_adaptation": adapt,
-            "batching": "multi_lora" if batched else "per_user"})
+            "batching": "multi_lora" if batched else "per_user"}, seeds)
     except ConfigError as exc:
         st.error(f"Not submitted: {exc}")
     else:
         with widgets.friendly("submit the job"):
-            job_id = jobs.submit(cfg, str(state.paths().jobs))
-            st.success(f"Submitted job `{job_id}`: it appears below within two seconds.")
+            job_ids = [jobs.submit(cfg, str(state.paths().jobs)) for cfg in configs]
+            if len(job_ids) == 1:
+                st.success(f"Submitted job `{job_ids[0]}`: it appears below within two seconds.")
+            else:
+                st.success(f"Submitted {len(job_ids)} jobs, one per seed, in seed group `{configs[0].seed_group}`: "
+                           f"{', '.join(f'`{j}`' for j in job_ids)}.")
 
 
 @st.fragment(run_every=2)
