@@ -68,6 +68,21 @@ SWEEPS: dict[str, Callable[[RunConfig, Sequence[Any] | None], list[RunConfig]]] 
 }
 
 
+LABELS: dict[str, Callable[[RunConfig], str]] = {
+    "k": lambda c: f"k={c.retrieval.k}",
+    "activity": lambda c: f"{c.users} users",
+    "peft": lambda c: c.user_peft.kind,
+    "history-format": lambda c: c.history_format,
+    "behaviour-shift": lambda c: f"before {c.history_cutoff}" if c.history_cutoff else "no cutoff",
+}
+"""Each sweep's member label: the setting of its swept knob (what tells the sweep's jobs apart)."""
+
+
+def sweep_members(kind: str, base: RunConfig, values: Sequence[Any] | None = None) -> list[tuple[str, RunConfig]]:
+    """`(label, config)` per run of one analysis, e.g. `("k=4", cfg)`."""
+    return [(LABELS[kind](cfg), cfg) for cfg in sweep_configs(kind, base, values)]
+
+
 def sweep_configs(kind: str, base: RunConfig, values: Sequence[Any] | None = None) -> list[RunConfig]:
     """The runs of one analysis; `values` overrides the default sweep values (k list, PEFT kinds, cutoffs...)."""
     build = SWEEPS.get(kind)

@@ -45,15 +45,8 @@ for tab, analysis in zip(tabs, analyses_view.ANALYSES):
     with tab, widgets.friendly(f"show {analysis.title.lower()}"):
         st.caption(analysis.question)
         frame = state.query(analysis.query, task, scoring)
-        if frame.empty or analysis.incomplete(frame):
-            what = "No" if frame.empty else "Only one setting of"
-            st.info(f"{what} {analysis.title.lower()} results for {task} yet. The shortcut below submits the "
-                    f"sweep as background jobs (`oppu sweep --kind {analysis.sweep} --task {task}` does the same).")
-            if st.button("Run this analysis", key=f"run-{analysis.sweep}", icon=":material/play_arrow:"):
-                job_ids = analyses_view.submit_sweep(analysis.sweep, task)
-                st.success(f"Submitted {len(job_ids)} job(s): {', '.join(job_ids)}. Follow them on **Train**.")
-            if frame.empty:
-                continue
+        if analyses_view.sweep_panel(analysis, task, frame):  # a sweep under way, or the launcher of a missing one
+            continue
         frame = with_intervals(frame, analysis.query, task, scoring)
         fig = analysis.chart(frame, metric, lower)
         st.plotly_chart(fig, width="stretch", key=f"chart-{analysis.sweep}")

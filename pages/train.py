@@ -1,12 +1,15 @@
-"""Train page: a form that submits a training job, live progress of running jobs, and the job history.
+"""Train page: a form that submits a training job, live progress of running jobs and sweeps, and the job history.
 
 Training never runs inside this script: the form builds a RunConfig and hands it to `oppu.jobs`, which starts a
-worker process; a fragment polls the job folders every two seconds.
+worker process; a fragment polls the job folders every two seconds. The details follow the job whose state
+last changed (a cancel, a failure, a finish), so they never stay on an older job.
 """
 
 from __future__ import annotations
 
 import streamlit as st
+
+import time
 
 from dashboard import forms, jobs_view, state, widgets
 from oppu import jobs
@@ -71,10 +74,13 @@ if submitted:
         with widgets.friendly("submit the job"):
             job_ids = [jobs.submit(cfg, str(state.paths().jobs)) for cfg in configs]
             if len(job_ids) == 1:
-                st.success(f"Submitted job `{job_ids[0]}`: it appears below within two seconds.")
+                note = f"Submitted job `{job_ids[0]}`: it appears below within two seconds."
             else:
-                st.success(f"Submitted {len(job_ids)} jobs, one per seed, in seed group `{configs[0].seed_group}`: "
-                           f"{', '.join(f'`{j}`' for j in job_ids)}.")
+                note = (f"Submitted {len(job_ids)} jobs, one per seed, in seed group `{configs[0].seed_group}`: "
+                        f"{', '.join(f'`{j}`' for j in job_ids)}.")
+            # shown by the job list only until the jobs are under way: no banner outlives its submission
+            st.session_state["train-submitted"] = (job_ids, note, time.time())
+            st.session_state["train-focus"] = job_ids[0]
 
 
 @st.fragment(run_every=2)
@@ -82,7 +88,11 @@ def live_jobs() -> None:
     """Running jobs and the job history, refreshed every two seconds without rerunning the whole page."""
     with widgets.friendly("read the jobs"):
         job_list = jobs_view.list_jobs()
+        jobs_view.submitted_banner(job_list)
         st.subheader("Running")
+        sweeps = jobs.group_sweeps(job_list)
+        for group in (g for g in sweeps if g["active"]):
+            jobs_view.sweep_card(group)
         active = [j for j in job_list if j["state"] in jobs_view.ACTIVE_STATES]
         if not active:
             st.caption("No job is running.")
@@ -93,8 +103,14 @@ def live_jobs() -> None:
         if not job_list:
             st.info("No jobs yet: submit one with the form above.")
             return
+        if sweeps:
+            st.markdown("**Sweeps**")
+            st.dataframe(jobs_view.sweeps_frame(sweeps), hide_index=True, width="stretch")
         st.dataframe(jobs_view.jobs_frame(job_list), hide_index=True, width="stretch")
-        job_id = st.selectbox("Details of job", [j["id"] for j in job_list], key="train-detail")
+        jobs_view.focus_on_changes(job_list)
+        labels = {j["id"]: f"{j['id']} · {j['state']}" + (f" · {jobs_view.member_label(j)}"
+                                                         if j.get("sweep") else "") for j in job_list}
+        job_id = st.selectbox("Details of job", list(labels), format_func=labels.get, key="train-detail")
         jobs_view.job_details(next(j for j in job_list if j["id"] == job_id))
 
 

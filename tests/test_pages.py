@@ -252,18 +252,21 @@ def test_analyses_draw_every_figure_with_downloads(populated):
 
 
 def test_run_this_analysis_submits_the_sweep(env, monkeypatch):
-    """The shortcut builds the sweep with oppu.analyses and submits one job per run (the submission is recorded
-    here instead of starting workers)."""
+    """The shortcut builds the sweep with oppu.analyses and, once confirmed, submits one job per run (workers are
+    not started here)."""
     from oppu import jobs
+    from oppu.config import RunConfig
+    from oppu.jobs import lifecycle
 
-    submitted = []
-    monkeypatch.setattr(jobs, "submit", lambda cfg, root: submitted.append(cfg) or f"job-{len(submitted)}")
+    monkeypatch.setattr(lifecycle, "_spawn", lambda root, job: None)
     at = page("analyses")
     next(b for b in at.button if b.key == "run-k").click().run()
+    next(b for b in at.button if b.key == "launch-k").click().run()
+    submitted = [RunConfig.from_dict(j["config"]) for j in reversed(jobs.list_jobs(env["OPPU_JOBS"]))]
     assert [c.retrieval.k for c in submitted] == [0, 1, 2, 4, 8]
     assert {c.tag for c in submitted} == {"k-sweep"} and {c.task for c in submitted} == {"LaMP_2M"}
     assert all(c.db == str(env["OPPU_DB"]) and c.data_dir == str(env["OPPU_DATA"]) for c in submitted)
-    assert "Submitted 5 job(s): job-1, job-2, job-3, job-4, job-5" in texts(at)
+    assert "Submitted sweep" in texts(at) and "5 runs" in texts(at)
 
 
 def test_quick_demo_button_submits_a_small_job(env, monkeypatch):
@@ -440,12 +443,12 @@ def test_running_job_card_shows_stage_user_loss_and_time_left(env):
     assert not at.exception
     bar = at.get("progress")[0].proto
     assert bar.value == 25  # one user of four done
-    assert "train_user · user 2 of 4 · step 3 · elapsed 1m 05s · time left 2m 10s" in bar.text
+    assert "train_user · step 3 · users done 1 of 4 · elapsed 1m 05s · time left 2m 10s" in bar.text
     assert [t.name for t in plotly_charts(at)[0].data] == ["alice"]
     assert any(b.label == "Cancel" for b in at.button)
 
 
-def test_failed_job_shows_its_error_and_offers_resume(env, tiny_data_dir):
+def test_failed_job_shows_its_error_and_offers_retry(env, tiny_data_dir):
     from oppu import jobs
     from oppu.config import RunConfig
 
@@ -459,7 +462,8 @@ def test_failed_job_shows_its_error_and_offers_resume(env, tiny_data_dir):
     at = page("train")
     assert not at.exception
     assert f"Job {job_id} failed" in at.error[0].value and "the GPU caught fire" in at.error[0].value
-    assert any(b.label == "Resume" for b in at.button)
+    # a failure is retried after fixing its cause; Resume is for a job that was stopped
+    assert any(b.label == "Retry" for b in at.button) and not any(b.label == "Resume" for b in at.button)
 
 
 def test_cancel_from_the_running_list(env, tiny_data_dir, tiny_model_dir):
