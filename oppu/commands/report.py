@@ -1,0 +1,62 @@
+"""`oppu report --preset tiny|demo|paper --out report.html`: the main table and the paper's analyses run into the
+results store and written as one self-contained HTML file (`oppu.report`), with a progress bar and the time left.
+
+`--dry-run` prints the runs the preset plans and stops. Flags point the runs at a model, data, store and artifact
+folder like `oppu run`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from oppu.report import REPORT_PRESETS
+
+    parser.add_argument("--preset", default="demo", choices=list(REPORT_PRESETS),
+                        help="report size: " + "; ".join(f"{n}: {p.about}" for n, p in REPORT_PRESETS.items()))
+    parser.add_argument("--out", default="report.html", help="the HTML file to write (default report.html)")
+    parser.add_argument("--model", help="embedded:SmolLM2-135M-Instruct (default), a hub id or a local folder")
+    parser.add_argument("--device", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--data", help="data folder holding <task id>/ (default data/demo)")
+    parser.add_argument("--db", help="results store (default runs/oppu.duckdb)")
+    parser.add_argument("--artifacts", help="adapters and caches (default runs/artifacts)")
+    parser.add_argument("--dry-run", action="store_true", help="print the planned runs and stop")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (one line per run instead)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    flags = {"model.name": args.model, "model.device": args.device, "model.dtype": args.dtype,
+             "data_dir": args.data, "db": args.db, "artifacts_dir": args.artifacts}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from oppu.commands.run import fail, usage_errors
+    from oppu.report import ReportError, build_report, get_preset, plan, users_to_run
+
+    overrides = overrides_from_args(args)
+    try:
+        preset = get_preset(args.preset)
+        runs, notes = plan(preset, overrides)
+    except (ReportError, ValueError) as exc:
+        return fail("report", exc)
+    if args.dry_run:
+        print(f"report {args.preset}: {len(runs)} runs x {len(preset.seeds)} seed(s), "
+              f"{users_to_run(runs, preset.seeds)} user trainings")
+        for r in runs:
+            print(f"  {r.section:16s} {r.task:8s} {r.label:20s} {','.join(r.cfg.methods)}  users={r.cfg.users}")
+        for note in notes:
+            print(f"  note: {note}")
+        return 0
+    command = "oppu report " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["report"] \
+        else "oppu report --preset " + args.preset + " --out " + shlex.quote(args.out)
+    try:
+        path = build_report(args.preset, args.out, overrides, command=command, progress=not args.quiet)
+    except (ReportError, *usage_errors()) as exc:
+        return fail("report", exc)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0

@@ -1,0 +1,492 @@
+"""`oppu report`: the paper's main table and analyses, run into the results store and written as one HTML file.
+
+Layers: plan (a report preset -> the runs of every section, each a `RunConfig` built by `build_config`) -> execute
+(each run with `run_experiment`, or once per seed with `oppu.replicates.run_seeds`; a run whose config equals an
+earlier one's up to its methods and tag is not run again, its stored answers are reused) -> gather (per-query
+scores and per-user cells from the store, intervals from `oppu.uncertainty`) -> render (one self-contained HTML
+file: plotly.js inlined once, every figure an inline div, tables with 95% intervals, the command, the config and
+the run ids behind every number, the machine and the wall time).
+
+Sections: the main table (every paper row on each of the seven tasks), Fig. 3 (performance by user activity on
+LaMP_2M and LaMP_7), Fig. 4 (retrieved items k: OPPU+RAG against RAG), behaviour shift, history format and PEFT
+type. Tasks without a data folder are listed as skipped, never silently dropped.
+
+Nothing is tuned: every setting is the report preset's, fixed before any query is answered, and the report says
+so. (Were a setting ever chosen here, it would have to be chosen on a validation split of each test user's most
+recent history items, never on test queries.)
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oppu.config import PAPER_METHODS, RunConfig, build_config, method_label
+
+ALL_TASKS = ("LaMP_1", "LaMP_2N", "LaMP_2M", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7")
+SECTIONS: dict[str, str] = {
+    "main": "Main table: every method on every task",
+    "activity": "Fig. 3: performance by user activity",
+    "k": "Fig. 4: number of retrieved items k",
+    "behaviour-shift": "Behaviour shift",
+    "history-format": "History format",
+    "peft": "PEFT type",
+}
+"""Section id -> heading, in report order (each id is also the HTML anchor of its section)."""
+TUNING_STATEMENT = ("Nothing was tuned: every setting is the report preset's, fixed before any query was answered; "
+                    "no choice was made on test queries (nor on a validation split, as none was needed).")
+
+
+@dataclass(frozen=True)
+class ReportPreset:
+    """How big a report is: the run preset under it, overrides of its sizes, the seeds and each analysis' scope."""
+
+    about: str
+    run_preset: str | None = None
+    """An `oppu/presets` name the runs start from (None: `RunConfig()`'s defaults)."""
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    """Dotted `build_config` overrides on top of the run preset (users, training sizes)."""
+    seeds: tuple[int, ...] = (0,)
+    """One run per seed of every configuration (more than one: intervals over users and seeds)."""
+    tasks: tuple[str, ...] = ALL_TASKS
+    activity_tasks: tuple[str, ...] = ("LaMP_2M", "LaMP_7")
+    activity_users: int = 12
+    activity_methods: tuple[str, ...] = ("none", "rag", "oppu", "oppu+rag")
+    analysis_task: str = "LaMP_2M"
+    """The task of the k, behaviour-shift, history-format and PEFT analyses."""
+    k_values: tuple[int, ...] = (0, 1, 2, 4)
+    peft_kinds: tuple[str, ...] = ("lora", "ia3", "prompt")
+
+
+REPORT_PRESETS: dict[str, ReportPreset] = {
+    "tiny": ReportPreset(
+        "For tests: two users per task, one short epoch, a few-step task adaptation and three-token answers.",
+        overrides={"users": 2, "user_train.epochs": 1, "user_train.batch_size": 4, "user_train.max_length": 128,
+                   "user_train.max_examples": 4, "adaptation_train.max_examples": 8,
+                   "adaptation_train.max_length": 128, "generation.max_new_tokens": 3},
+        activity_users=3, activity_methods=("none", "oppu"), k_values=(0, 1, 2)),
+    "demo": ReportPreset(
+        "CPU-sized, on the demo data: the `quick` run preset, four users per task (twelve for Fig. 3), three "
+        "seeds.", run_preset="quick", overrides={"users": 4}, seeds=(0, 1, 2), activity_users=12),
+    "paper": ReportPreset(
+        "The official protocol (`paper` run preset: 100 users, the paper's schedules and decoding), three seeds; "
+        "meant for a GPU and a 7B model.", run_preset="paper", seeds=(0, 1, 2), activity_users=100,
+        k_values=(0, 1, 2, 4, 8)),
+}
+
+
+class ReportError(ValueError):
+    """The report cannot be planned as asked; the message says what to change."""
+
+
+# -- plan --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedRun:
+    section: str
+    task: str
+    label: str
+    """What this run varies within its section (e.g. `k=2`, `ia3`), or the task for the main table."""
+    cfg: RunConfig
+
+
+def get_preset(name: str) -> ReportPreset:
+    if name not in REPORT_PRESETS:
+        raise ReportError(f"unknown report preset {name!r}: use one of {', '.join(REPORT_PRESETS)}")
+    return REPORT_PRESETS[name]
+
+
+def plan(preset: ReportPreset, overrides: Mapping[str, Any] | None = None) -> tuple[list[PlannedRun], list[str]]:
+    """Every run of the report and the notes on what was skipped (tasks without data, analyses without dates)."""
+    from oppu.analyses import sweep_configs
+
+    layer = {**preset.overrides, **(overrides or {})}
+    data_dir = Path(build_config(preset.run_preset, layer).data_dir)
+    notes: list[str] = []
+
+    def available(task: str, what: str) -> bool:
+        if (data_dir / task).is_dir():
+            return True
+        notes.append(f"{what}: skipped {task}, no data folder {data_dir / task}")
+        return False
+
+    def base(task: str, section: str, methods: Sequence[str]) -> RunConfig:
+        return build_config(preset.run_preset, {**layer, "task": task, "methods": list(methods),
+                                                "tag": f"report:{section}"})
+
+    runs: list[PlannedRun] = []
+    for task in preset.tasks:
+        if available(task, SECTIONS["main"]):
+            runs.append(PlannedRun("main", task, task, base(task, "main", PAPER_METHODS)))
+    for task in preset.activity_tasks:
+        if available(task, SECTIONS["activity"]):
+            cfg = base(task, "activity", preset.activity_methods).replace(users=preset.activity_users, user_ids=None)
+            runs.append(PlannedRun("activity", task, f"{preset.activity_users} users", cfg))
+    task = preset.analysis_task
+    if available(task, "the analyses"):
+        sweeps = (("k", ("rag", "oppu+rag"), list(preset.k_values), lambda c: f"k={c.retrieval.k}"),
+                  ("behaviour-shift", ("none", "oppu", "oppu+rag"), None,
+                   lambda c: f"before {c.history_cutoff}" if c.history_cutoff else "full history"),
+                  ("history-format", ("rag", "oppu+rag"), None, lambda c: c.history_format),
+                  ("peft", ("oppu",), list(preset.peft_kinds), lambda c: c.user_peft.kind))
+        for section, methods, values, label in sweeps:
+            try:
+                configs = sweep_configs(section, base(task, section, methods), values)
+            except ValueError as exc:  # e.g. behaviour shift over undated data
+                notes.append(f"{SECTIONS[section]}: skipped ({exc})")
+                continue
+            runs += [PlannedRun(section, task, label(c), c.replace(tag=f"report:{section}")) for c in configs]
+    return runs, notes
+
+
+def _reuse_key(cfg: RunConfig) -> str:
+    """Configs equal but for their methods and tag answer the same way: one run can serve both."""
+    return cfg.replace(methods=("none",), tag="", seed_group="").to_json()
+
+
+# -- execute -----------------------------------------------------------------------------------------------------
+@dataclass
+class ExecutedRun:
+    planned: PlannedRun
+    run_ids: list[str]
+    seconds: float
+    reused: str | None = None
+    """The section/label of the earlier run whose answers this one reuses; None when it ran itself."""
+
+
+class ReportProgress:
+    """One bar over every user of every run still to run (all seeds), with the time left; stages as postfix."""
+
+    def __init__(self, total_users: int, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.offset = 0
+        self.current = 0
+        self.what = ""
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_users, unit="user", file=sys.stderr, dynamic_ncols=True,
+                            desc="report", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                                      "users [{elapsed}<{remaining}] {postfix}")
+
+    def start(self, what: str) -> None:
+        self.what = what
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
+
+    def __call__(self, stage: str, step: int, total: int, loss: float | None) -> None:
+        if stage == "users":
+            self.current = step
+            if self.bar is not None:
+                self.bar.n = self.offset + step
+                self.bar.refresh()
+        elif self.bar is not None:
+            self.bar.set_postfix_str(f"{self.what} · {stage} {step}/{total}")
+
+    def finish_run(self, users: int) -> None:
+        self.offset += users
+        self.current = 0
+        if self.bar is not None:
+            self.bar.n = self.offset
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportProgress | None = None,
+            log: Callable[[str], None] = lambda line: None) -> list[ExecutedRun]:
+    """Run every planned run (once per seed), reusing an earlier run of the same config; in plan order."""
+    from oppu.experiment import run_experiment
+    from oppu.replicates import run_seeds
+
+    done: dict[str, tuple[set[str], ExecutedRun]] = {}
+    out = []
+    for i, run in enumerate(runs, 1):
+        earlier = done.get(_reuse_key(run.cfg))
+        what = f"[{i}/{len(runs)}] {run.section} {run.task} {run.label}"
+        if earlier is not None and set(run.cfg.methods) <= earlier[0]:
+            source = earlier[1]
+            log(f"{what}: reuses the answers of {source.planned.section} {source.planned.label}")
+            out.append(ExecutedRun(run, source.run_ids, 0.0, f"{source.planned.section} {source.planned.label}"))
+            if progress is not None:
+                progress.finish_run(0)
+            continue
+        log(f"{what}: {', '.join(run.cfg.methods)}")
+        if progress is not None:
+            progress.start(what)
+        start = time.perf_counter()
+        if len(seeds) > 1:
+            _, run_ids = run_seeds(run.cfg, seeds, progress=progress)
+        else:
+            cfg = run.cfg if seeds[0] == run.cfg.user_train.seed else _seeded(run.cfg, seeds[0])
+            run_ids = [run_experiment(cfg, progress=progress)]
+        executed = ExecutedRun(run, run_ids, time.perf_counter() - start)
+        if progress is not None:
+            progress.finish_run(expected_users(run.cfg) * len(seeds))
+        done[_reuse_key(run.cfg)] = (set(run.cfg.methods), executed)
+        out.append(executed)
+    return out
+
+
+def _seeded(cfg: RunConfig, seed: int) -> RunConfig:
+    import dataclasses
+
+    return cfg.replace(user_train=dataclasses.replace(cfg.user_train, seed=seed),
+                       generation=dataclasses.replace(cfg.generation, seed=seed))
+
+
+def expected_users(cfg: RunConfig) -> int:
+    return len(cfg.user_ids) if cfg.user_ids else int(cfg.users or 1)
+
+
+def users_to_run(runs: Sequence[PlannedRun], seeds: Sequence[int]) -> int:
+    """Users the report trains and answers (reused runs not counted): the progress bar's total."""
+    seen: dict[str, set[str]] = {}
+    total = 0
+    for run in runs:
+        key = _reuse_key(run.cfg)
+        if key in seen and set(run.cfg.methods) <= seen[key]:
+            continue
+        seen[key] = set(run.cfg.methods)
+        total += expected_users(run.cfg) * len(seeds)
+    return total
+
+
+# -- gather ------------------------------------------------------------------------------------------------------
+def _cells(store, executed: Sequence[ExecutedRun]):
+    """Per-user score cells of the executed runs, each row tagged with its run's section and label."""
+    import pandas as pd
+
+    parts = []
+    for run in executed:
+        cells = store.analysis_cells(run.planned.task)
+        cells = cells[cells["run_id"].isin(run.run_ids) & cells["method"].isin(run.planned.cfg.methods)]
+        parts.append(cells.assign(section=run.planned.section, label=run.planned.label, task=run.planned.task))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def main_table(store, executed: Sequence[ExecutedRun]) -> list[dict[str, Any]]:
+    """Per task of the main section: `oppu.uncertainty.summarize` (methods vs the non-personalized row), the key
+    differences, and the official LaMP metrics averaged over seeds."""
+    import pandas as pd
+
+    from oppu.uncertainty import key_differences, summarize
+
+    out = []
+    for run in (r for r in executed if r.planned.section == "main"):
+        scores = store.scores(run.run_ids)
+        scores = scores[scores["method"].isin(run.planned.cfg.methods)]
+        if scores.empty:
+            out.append({"task": run.planned.task, "run": run, "result": None})
+            continue
+        result = summarize(scores)
+        metrics = pd.concat([store.run_metrics(r) for r in run.run_ids], ignore_index=True)
+        lamp = metrics.groupby(["method", "metric"], as_index=False)["value"].mean()
+        out.append({"task": run.planned.task, "run": run, "result": result, "lamp": lamp,
+                    "key": key_differences(scores, not result["lower_is_better"])})
+    return out
+
+
+def section_frame(cells, section: str, by: str):
+    """The chart frame of one analysis section: per (setting, method) score, interval and counts."""
+    from oppu.uncertainty import grouped_intervals, with_activity_bins
+
+    part = cells[cells["section"] == section]
+    if part.empty:
+        return part
+    if by == "bin":
+        part = with_activity_bins(part)
+        frame = grouped_intervals(part, "bin")
+        users = part.groupby(["run_id", "user_id", "bin"], as_index=False)["history_size"].max()
+        span = users.groupby("bin")["history_size"].agg(history_min="min", history_max="max").reset_index()
+        return frame.merge(span, on="bin")
+    return grouped_intervals(part, by)
+
+
+# -- render ------------------------------------------------------------------------------------------------------
+def machine() -> dict[str, str]:
+    """Where the numbers were made."""
+    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpus": str(os.cpu_count())}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["accelerator"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+        info["torch threads"] = str(torch.get_num_threads())
+    except ImportError:
+        pass
+    return info
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#212529}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #dee2e6;padding:4px 8px;
+text-align:right}th{background:#f1f3f5}td:first-child,th:first-child{text-align:left}code,pre{background:#f8f9fa}
+pre{padding:8px;overflow-x:auto;font-size:12px}.note{color:#868e96}section{margin-bottom:3em}"""
+
+
+def _esc(text: Any) -> str:
+    """Text for an HTML text node (quotes stay readable: nothing here goes into an attribute)."""
+    return html.escape(str(text), quote=False)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_esc(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(fig, div_id: str) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"responsive": True})
+
+
+def _main_section(tables: list[dict[str, Any]]) -> str:
+    from oppu.uncertainty import difference_line, format_p
+
+    parts = ["<p>Mean per-query score with its 95% interval (bootstrap over users, and seeds when several); "
+             "below each task, every method against the non-personalized row (paired on shared queries, "
+             "sign-flip permutation p, queries won/tied/lost) and the official LaMP metrics.</p>"]
+    tasks = [t for t in tables if t["result"] is not None]
+    if tasks:
+        methods = [m for m in PAPER_METHODS if any(r["method"] == m for t in tasks for r in t["result"]["summary"])]
+        header = ["method", *(f"{t['task']} ({t['result']['metric']}, "
+                              f"{'lower' if t['result']['lower_is_better'] else 'higher'} better)" for t in tasks)]
+        rows = []
+        for m in methods:
+            cells = []
+            for t in tasks:
+                r = next((r for r in t["result"]["summary"] if r["method"] == m), None)
+                cells.append(f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r else "–")
+            rows.append([method_label(m), *cells])
+        parts.append(_table(header, rows))
+    for t in tables:
+        run = t["run"]
+        parts.append(f"<h3>{_esc(t['task'])}</h3>")
+        if t["result"] is None:
+            parts.append("<p class='note'>No scored answers (queries without gold labels?).</p>")
+            continue
+        res = t["result"]
+        parts.append(f"<p>{res['summary'][0]['n_users']} users, {res['summary'][0]['n_queries']} queries, seeds "
+                     f"{', '.join(map(str, res['seeds']))}; runs {', '.join(f'<code>{r}</code>' for r in run.run_ids)}"
+                     "</p>")
+        parts.append(_table(["comparison", "difference", "95% CI", "p", "wins", "ties", "losses"],
+                            [[f"{d['label_a']} vs {d['label_b']}", f"{d['diff']:+.3f}",
+                              f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", format_p(d["p_value"]),
+                              d["wins"], d["ties"], d["losses"]] for d in res["differences"]]))
+        if t["key"]:
+            parts.append("<ul>" + "".join(f"<li>{_esc(difference_line(d))}</li>" for d in t["key"]) + "</ul>")
+        lamp = t["lamp"]
+        if not lamp.empty:
+            wide = lamp.pivot(index="method", columns="metric", values="value")
+            names = [c for c in wide.columns if not c.startswith("lenient_")]
+            parts.append(_table(["method (official LaMP metrics, mean over seeds)", *names],
+                                [[method_label(m), *(f"{wide.loc[m, c]:.4f}" for c in names)]
+                                 for m in PAPER_METHODS if m in wide.index]))
+    return "\n".join(parts)
+
+
+def _analysis_section(section: str, cells, metric_of: Callable[[str], tuple[str, bool]]) -> str:
+    from dashboard import charts  # the dashboard's pure figure builders, so the report draws the same figures
+
+    by, chart = {"activity": ("bin", charts.activity_curve), "k": ("k", charts.k_sweep),
+                 "behaviour-shift": ("history_cutoff", charts.behaviour_shift),
+                 "history-format": ("history_format", charts.history_format),
+                 "peft": ("peft", charts.peft_comparison)}[section]
+    part = cells[cells["section"] == section] if not cells.empty else cells
+    if part.empty:
+        return "<p class='note'>Not run (see the notes above).</p>"
+    out = []
+    for task in dict.fromkeys(part["task"]):
+        frame = section_frame(part[part["task"] == task], section, by)
+        metric, lower = metric_of(task)
+        fig = chart(frame, metric, lower)
+        fig.update_layout(title={"text": f"{fig.layout.title.text} · {task}"})
+        out.append(_figure(fig, f"fig-{section}-{task}"))
+        shown = frame.rename(columns={"score": "mean"})
+        out.append(_table([by, "method", "mean", "95% CI", "users", "queries", "runs"],
+                          [[r[by], method_label(r["method"]), f"{r['mean']:.3f}",
+                            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["n_users"], r["n_queries"], r["n_runs"]]
+                           for _, r in shown.iterrows()]))
+    return "\n".join(out)
+
+
+def render(command: str, preset_name: str, preset: ReportPreset, executed: Sequence[ExecutedRun],
+           notes: Sequence[str], tables: list[dict[str, Any]], cells, wall_s: float, db: str) -> str:
+    """The whole report as one HTML document (plotly.js inlined once)."""
+    from plotly.offline import get_plotlyjs
+
+    from oppu.metrics import row_score_name
+
+    body = [f"<h1>OPPU report · preset <code>{_esc(preset_name)}</code></h1>",
+            f"<p>{_esc(preset.about)}</p>",
+            "<section id='command'><h2>Command</h2><pre>" + _esc(command) + "</pre>"
+            f"<p>Results store <code>{_esc(db)}</code>; every number below can be printed again with "
+            f"<code>oppu results --db {_esc(db)} --run RUN_ID</code> (or <code>--group</code>).</p></section>",
+            "<section id='tuning'><h2>Tuning</h2><p>" + _esc(TUNING_STATEMENT) + "</p></section>",
+            "<section id='machine'><h2>Machine and time</h2>"
+            + _table(["", ""], [*machine().items(), ("wall time", f"{wall_s:.1f} s"),
+                                ("seeds", ", ".join(map(str, preset.seeds))),
+                                ("created", time.strftime("%Y-%m-%d %H:%M:%S %Z"))]) + "</section>"]
+    if notes:
+        body.append("<section id='notes'><h2>Notes</h2><ul>"
+                    + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul></section>")
+    for section, title in SECTIONS.items():
+        content = (_main_section(tables) if section == "main"
+                   else _analysis_section(section, cells, row_score_name))
+        body.append(f"<section id='{section}'><h2>{_esc(title)}</h2>{content}</section>")
+    body.append("<section id='provenance'><h2>Runs and their configs</h2>"
+                + _table(["section", "task", "setting", "run ids", "wall time", "reused"],
+                         [[r.planned.section, r.planned.task, r.planned.label, " ".join(r.run_ids),
+                           f"{r.seconds:.1f} s", r.reused or ""] for r in executed])
+                + "".join(f"<details><summary>{_esc(r.planned.section)} · {_esc(r.planned.task)} · "
+                          f"{_esc(r.planned.label)}</summary><pre>"
+                          f"{_esc(json.dumps(r.planned.cfg.to_dict(), indent=1, sort_keys=True))}</pre>"
+                          "</details>" for r in executed) + "</section>")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>OPPU report</title>"
+            f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+            + "\n".join(body) + "</body></html>")
+
+
+# -- the whole report --------------------------------------------------------------------------------------------
+def build_report(preset_name: str, out: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None,
+                 command: str = "", progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Plan, run every run into the store, gather and write the HTML report; returns its path."""
+    from oppu.store import Store
+
+    preset = get_preset(preset_name)
+    runs, notes = plan(preset, overrides)
+    if not runs:
+        raise ReportError("nothing to run: no task of the report has a data folder ("
+                          + "; ".join(notes) + ")")
+    log(f"report {preset_name}: {len(runs)} runs x {len(preset.seeds)} seed(s), "
+        f"{users_to_run(runs, preset.seeds)} user trainings")
+    log(TUNING_STATEMENT)
+    for note in notes:
+        log(f"note: {note}")
+    start = time.perf_counter()
+    bar = ReportProgress(users_to_run(runs, preset.seeds), enabled=progress)
+    try:
+        executed = execute(runs, preset.seeds, bar, log=log if not progress else (lambda line: None))
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    db = runs[0].cfg.db
+    store = Store(db)
+    page = render(command, preset_name, preset, executed, notes, main_table(store, executed),
+                  _cells(store, executed), wall, db)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path

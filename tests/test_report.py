@@ -1,0 +1,74 @@
+"""`oppu report --preset tiny` on the tiny model and tiny data: every run lands in the store, and one HTML file
+holds every section, a figure per analysis, intervals, the command, the configs and run ids, the machine and the
+statement that nothing was tuned."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from oppu.report import REPORT_PRESETS, SECTIONS, TUNING_STATEMENT, build_report, plan, users_to_run
+
+
+@pytest.fixture(autouse=True)
+def short_profiles(monkeypatch):
+    """The tiny random model never ends a turn, so PAG profiles would always run to their full budget."""
+    import oppu.profiles
+
+    monkeypatch.setattr(oppu.profiles, "PROFILE_MAX_NEW_TOKENS", 4)
+
+
+@pytest.fixture()
+def overrides(tiny_model_dir, tiny_data_dir, tmp_path):
+    return {"model.name": str(tiny_model_dir), "model.device": "cpu", "data_dir": str(tiny_data_dir),
+            "db": str(tmp_path / "r.duckdb"), "artifacts_dir": str(tmp_path / "art")}
+
+
+def test_the_plan_covers_every_section_and_says_what_it_skips(overrides):
+    runs, notes = plan(REPORT_PRESETS["tiny"], overrides)
+    assert {r.section for r in runs} == set(SECTIONS)
+    assert [r.task for r in runs if r.section == "main"] == ["LaMP_2M"]  # the only task with data here
+    assert sum("skipped LaMP_" in n for n in notes) == 6 + 1  # six main-table tasks and LaMP_7's Fig. 3
+    assert all(r.cfg.db == overrides["db"] for r in runs)
+    # the k=1, full-history, full-format and LoRA points are the main table's own run: not run twice
+    assert users_to_run(runs, (0,)) < sum(r.cfg.users for r in runs)
+
+
+def test_tiny_report_writes_one_html_with_every_section(overrides, tmp_path):
+    from oppu.__main__ import main  # noqa: F401 - the command is registered
+    from oppu.store import Store
+
+    lines = []
+    path = build_report("tiny", tmp_path / "out" / "report.html", overrides, command="oppu report --preset tiny",
+                        progress=False, log=lines.append)
+    page = path.read_text()
+    for section in (*SECTIONS, "command", "tuning", "machine", "notes", "provenance"):
+        assert f"id='{section}'" in page, section
+    assert TUNING_STATEMENT in page and TUNING_STATEMENT in lines
+    assert "oppu report --preset tiny" in page and "wall time" in page and "python" in page
+    # plotly.js inlined once, nothing fetched from the network
+    assert page.count("plotly.js v") >= 1 and "<script src=" not in page and "<link" not in page
+    figures = re.findall(r'<div id="(fig-[^"]+)"', page)
+    assert sorted(figures) == sorted(["fig-activity-LaMP_2M", "fig-k-LaMP_2M", "fig-behaviour-shift-LaMP_2M",
+                                      "fig-history-format-LaMP_2M", "fig-peft-LaMP_2M"])
+    assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", page)  # a mean with its interval
+    assert "OPPU vs Non-personalized" in page and "wins" in page
+    store = Store(overrides["db"])
+    runs = store.runs()
+    assert set(runs["status"]) == {"done"} and runs["tag"].str.startswith("report:").all()
+    for run_id in runs["run_id"]:
+        assert run_id in page  # every run's id, next to its config
+    assert '"user_train"' in page  # the configs themselves
+    assert any("reuses the answers" in line for line in lines)
+
+
+def test_report_command_dry_run_and_bad_preset(overrides, capsys):
+    from oppu.__main__ import main
+
+    args = ["report", "--preset", "tiny", "--dry-run", "--data", overrides["data_dir"], "--db", overrides["db"]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "user trainings" in out and "k=2" in out and "note: " in out
+    with pytest.raises(SystemExit):
+        main(["report", "--preset", "huge"])
