@@ -53,6 +53,20 @@ ANALYSES: tuple[Analysis, ...] = (
 )
 
 
+def analysis_frame(analysis: Analysis, task: str, scoring: str) -> tuple[pd.DataFrame, Any]:
+    """The analysis table over comparable runs only (`oppu.analyses.comparable_runs`: runs that differ in the
+    swept knob alone) and the `Comparison` saying which runs were used and why others were left out."""
+    from oppu.analyses import comparable_frame, comparable_runs
+    from dashboard import state
+
+    runs = state.query("runs")
+    if runs.empty:
+        return pd.DataFrame(), comparable_runs(analysis.sweep, [])
+    runs = runs[runs["task"] == task]
+    comparison = comparable_runs(analysis.sweep, runs.to_dict("records"))
+    return comparable_frame(analysis.sweep, state.query("analysis_cells", task, scoring), comparison), comparison
+
+
 def sweep_members(kind: str, task: str) -> list[tuple[str, Any]]:
     """`(label, RunConfig)` per run of one analysis for `task`, from the dashboard's folders and defaults."""
     from oppu.analyses import sweep_members as members

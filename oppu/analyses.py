@@ -7,11 +7,18 @@
 - `behaviour-shift`: adapters and retrieval see only history before a cutoff date; no cutoff is the reference.
 
 Pure: no model is loaded here (behaviour-shift reads the data's dates when no cutoffs are given).
+
+Comparable by construction: `comparable_runs` picks, among the stored runs, those that differ in the swept knob
+alone (same users, data, model and every other setting) and says why each other run was left out;
+`comparable_frame` builds the analysis table over those runs only; `activity_bins` makes equal-count bins of
+history size that never split one size over two bins, so every bin has its own label.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from oppu.config import PeftConfig, RetrievalConfig, RunConfig
@@ -89,3 +96,179 @@ def sweep_configs(kind: str, base: RunConfig, values: Sequence[Any] | None = Non
     if build is None:
         raise ValueError(f"unknown sweep {kind!r}: use one of {', '.join(SWEEPS)}")
     return build(base, values)
+
+
+# -- comparable by construction ----------------------------------------------------------------------------------
+KNOBS: dict[str, tuple[str, ...]] = {
+    "k": ("retrieval.k",),
+    "peft": ("user_peft.kind",),
+    "history-format": ("history_format",),
+    "behaviour-shift": ("history_cutoff",),
+    "activity": (),
+}
+"""The config keys each analysis sweeps (activity varies nothing: one run, its users binned)."""
+FREE_KEYS = ("tag", "seed_group", "db", "artifacts_dir", "data_dir")
+"""Config keys that never make runs incomparable: names and where files live (the data itself is compared by
+its fingerprint)."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Which stored runs an analysis draws on and why the others were left out."""
+
+    kind: str
+    run_ids: tuple[str, ...]
+    values: dict[str, str]
+    """run id -> its setting of the swept knob (e.g. `k=4`)."""
+    excluded: dict[str, str]
+    """run id -> why it is not comparable with the chosen runs."""
+
+    def describe(self) -> str:
+        used = ", ".join(f"`{r}` ({self.values[r]})" for r in self.run_ids) or "none"
+        text = f"Runs used: {used}."
+        if self.excluded:
+            text += f" Left out {len(self.excluded)}: " + "; ".join(f"`{r}` {why}" for r, why in
+                                                                    list(self.excluded.items())[:5])
+            text += " …" if len(self.excluded) > 5 else ""
+        return text
+
+
+def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=str)
+    return out
+
+
+def comparable_runs(kind: str, runs: Iterable[Mapping[str, Any]]) -> Comparison:
+    """The finished runs (each a mapping with run_id, config (dict or JSON), data_fingerprint, model, status,
+    created) that differ in the swept knob alone: same users, data, model and every other setting. Of the
+    groups of runs that agree on all of that, the one covering the most knob values wins (then the newest);
+    with `activity` (nothing swept) the newest run alone. Pure."""
+    if kind not in KNOBS:
+        raise ValueError(f"unknown sweep {kind!r}: use one of {', '.join(KNOBS)}")
+    knobs = KNOBS[kind]
+    groups: dict[str, list[tuple[str, str, float]]] = {}
+    signature_of: dict[str, dict[str, Any]] = {}
+    excluded: dict[str, str] = {}
+    for run in runs:
+        run_id = str(run["run_id"])
+        if run.get("status") not in (None, "done"):
+            excluded[run_id] = f"is {run.get('status')}"
+            continue
+        config = run.get("config") or {}
+        config = json.loads(config) if isinstance(config, str) else dict(config)
+        flat = _flat(config)
+        rest = {k: v for k, v in flat.items() if k not in knobs and not k.startswith(FREE_KEYS)}
+        rest["data_fingerprint"] = str(run.get("data_fingerprint") or "")
+        rest["model"] = str(run.get("model") or "")
+        signature = json.dumps(rest, sort_keys=True)
+        value = ", ".join(f"{k.split('.')[-1]}={json.loads(flat.get(k, 'null'))}" for k in knobs) or "all users"
+        created = run.get("created")
+        stamp = created.timestamp() if hasattr(created, "timestamp") else float(created or 0)
+        groups.setdefault(signature, []).append((run_id, value, stamp))
+        signature_of[signature] = rest
+    if not groups:
+        return Comparison(kind, (), {}, excluded)
+
+    def rank(item):
+        members = item[1]
+        return (len({v for _, v, _ in members}) if knobs else 1, max(s for _, _, s in members))
+
+    best, members = max(groups.items(), key=rank)
+    chosen: dict[str, tuple[str, float]] = {}
+    for run_id, value, stamp in sorted(members, key=lambda m: -m[2]):
+        if knobs and value in {v for v, _ in chosen.values()}:
+            excluded[run_id] = f"repeats {value} (the newest run of a setting is used)"
+            continue
+        if not knobs and chosen:
+            excluded[run_id] = "is an older run of the same setting"
+            continue
+        chosen[run_id] = (value, stamp)
+    for signature, others in groups.items():
+        if signature == best:
+            continue
+        differs = sorted(k for k in set(signature_of[signature]) | set(signature_of[best])
+                         if signature_of[signature].get(k) != signature_of[best].get(k))
+        for run_id, _, _ in others:
+            excluded[run_id] = f"differs in {', '.join(differs[:3])}" + (" …" if len(differs) > 3 else "")
+    order = sorted(chosen, key=lambda r: chosen[r][0])
+    return Comparison(kind, tuple(order), {r: chosen[r][0] for r in order}, excluded)
+
+
+def activity_bins(sizes: Sequence[int], bins: int = 4) -> list[tuple[int, int]]:
+    """Up to `bins` contiguous ranges of history sizes holding about equally many users, never splitting one
+    size over two bins (so no two bins share a label; fewer bins when there are fewer distinct sizes)."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1 (got {bins})")
+    ordered = sorted(int(s) for s in sizes)
+    distinct = sorted(set(ordered))
+    if not distinct:
+        return []
+    out: list[tuple[int, int]] = []
+    start, taken = 0, 0
+    for b in range(bins):
+        if start >= len(distinct):
+            break
+        target = len(ordered) * (b + 1) / bins
+        end = start
+        count = taken + ordered.count(distinct[end])
+        # grow the bin while the next size brings the count closer to its share (and leaves sizes for the rest)
+        while end + 1 < len(distinct) and len(distinct) - (end + 1) > bins - b - 2 >= 0 and \
+                abs(count + ordered.count(distinct[end + 1]) - target) <= abs(count - target):
+            end += 1
+            count += ordered.count(distinct[end])
+        if b == bins - 1:
+            end = len(distinct) - 1
+        out.append((distinct[start], distinct[end]))
+        taken = sum(ordered.count(d) for d in distinct[: end + 1])
+        start = end + 1
+    return out
+
+
+def bin_label(low: int, high: int) -> str:
+    return f"{low} items" if low == high else f"{low}–{high} items"
+
+
+def comparable_frame(kind: str, cells: Any, comparison: Comparison, bins: int = 4) -> Any:
+    """The analysis table of `kind` over the comparison's runs only, from `Store.analysis_cells` rows, with the
+    columns the store's own analysis queries return (plus `bin_label` for activity)."""
+    import pandas as pd
+
+    from oppu.config import METHODS
+
+    frame = cells[cells["run_id"].isin(comparison.run_ids)] if len(cells) else cells
+    if frame.empty:
+        return pd.DataFrame()
+    frame = frame.copy()
+    frame["history_cutoff"] = frame["history_cutoff"].fillna("").astype(str)
+    if kind == "activity":
+        per_user = frame.groupby(["run_id", "user_id"])["history_size"].max()
+        ranges = activity_bins(per_user.tolist(), bins)
+
+        def which(size: int) -> int:
+            return next(i for i, (lo, hi) in enumerate(ranges, start=1) if lo <= size <= hi)
+
+        frame["bin"] = frame["history_size"].astype(int).map(which)
+        out = frame.groupby(["bin", "method"]).agg(s=("s", "sum"), n=("n", "sum"),
+                                                    users=("user_id", "nunique")).reset_index()
+        out["history_min"] = out["bin"].map(lambda b: ranges[b - 1][0])
+        out["history_max"] = out["bin"].map(lambda b: ranges[b - 1][1])
+        out["bin_label"] = [bin_label(lo, hi) for lo, hi in zip(out["history_min"], out["history_max"])]
+        out["score"] = out["s"] / out["n"]
+        return out[["bin", "history_min", "history_max", "bin_label", "method", "score", "users", "n"]]
+    column = {"k": "k", "peft": "peft", "history-format": "history_format", "behaviour-shift": "history_cutoff"}[kind]
+    if kind == "k":
+        frame = frame[frame["method"].map(lambda m: METHODS[m].retrieval if m in METHODS else False)]
+    if kind == "peft":
+        frame = frame[frame["method"].map(lambda m: METHODS[m].adapter if m in METHODS else False)]
+    out = frame.groupby([column, "method"]).agg(s=("s", "sum"), n=("n", "sum"),
+                                                 runs=("run_id", "nunique")).reset_index()
+    out["score"] = out["s"] / out["n"]
+    if kind == "k":
+        out["personal"] = out["method"].map(lambda m: METHODS[m].adapter if m in METHODS else False)
+        return out[["method", "personal", "k", "score", "n", "runs"]]
+    return out[[column, "method", "score", "n", "runs"]]

@@ -44,13 +44,14 @@ tabs = st.tabs([a.title for a in analyses_view.ANALYSES])
 for tab, analysis in zip(tabs, analyses_view.ANALYSES):
     with tab, widgets.friendly(f"show {analysis.title.lower()}"):
         st.caption(analysis.question)
-        frame = state.query(analysis.query, task, scoring)
+        frame, used = analyses_view.analysis_frame(analysis, task, scoring)  # comparable runs only
         if analyses_view.sweep_panel(analysis, task, frame):  # a sweep under way, or the launcher of a missing one
             continue
         frame = with_intervals(frame, analysis.query, task, scoring)
         fig = analysis.chart(frame, metric, lower)
         st.plotly_chart(fig, width="stretch", key=f"chart-{analysis.sweep}")
         widgets.download_chart(fig, frame, f"{task}-{analysis.sweep}")
+        st.caption(used.describe())
         if "n_users" in frame.columns:
             n = frame.dropna(subset=["n_users"])
             st.caption(f"Error bars: 95% intervals. Each point averages {int(n['n_users'].min())}–"
