@@ -15,6 +15,7 @@ PAGES = [
     st.Page("../pages/data_explorer.py", title="Data explorer", icon=":material/person_search:"),
     st.Page("../pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("../pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page("../pages/runs.py", title="Runs", icon=":material/table_rows:"),
     st.Page("../pages/analyses.py", title="Analyses", icon=":material/insights:"),
     st.Page("../pages/adapters.py", title="Adapters", icon=":material/folder_zip:"),
     st.Page("../pages/playground.py", title="Playground", icon=":material/chat:"),

@@ -356,6 +356,21 @@ class Store:
             "UPDATE runs SET status = ?, finished = CASE WHEN ? = 'running' THEN NULL ELSE ? END WHERE run_id = ?",
             [status, status, _utcnow(), run_id]))
 
+    def delete_run(self, run_id: str) -> int:
+        """Remove a run and every row stored under it (predictions, user and run metrics, training curves), in
+        one transaction; returns how many predictions went."""
+        def delete(con: duckdb.DuckDBPyConnection) -> int:
+            n = con.execute("SELECT count(*) FROM predictions WHERE run_id = ?", [run_id]).fetchone()[0]
+            for table in ("predictions", "user_metrics", "run_metrics", "train_curves", "runs"):
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            return int(n)
+
+        return self._write(delete)
+
+    def set_tag(self, run_id: str, tag: str) -> None:
+        """Change a run's tag (its config keeps the tag it was submitted with)."""
+        self._write(lambda con: con.execute("UPDATE runs SET tag = ? WHERE run_id = ?", [tag, run_id]))
+
     def compute_run_metrics(self, run_id: str) -> dict[str, dict[str, float]]:
         """Run-level LaMP metrics per method, official and `lenient_` ones, recomputed from every stored
         prediction of the run with `oppu.metrics.score_both` (also when several processes wrote parts of one run,

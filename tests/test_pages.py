@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from oppu.config import method_label
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("overview", "data_explorer", "train", "compare", "analyses", "adapters")
+PAGES = ("overview", "data_explorer", "train", "compare", "runs", "analyses", "adapters")
 METHODS = ("none", "rag", "oppu", "oppu+rag")
 LABELS = {m: method_label(m) for m in METHODS}  # what tables and legends show
 RUN_ID = "run-test-0001"
