@@ -46,6 +46,12 @@ class AdapterBank(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+def dtype_name(model) -> str:
+    """The dtype the base's weights compute in (`float32`, `bfloat16`, ...): what each manifest records. The
+    adapters themselves are float32 whatever it is (PEFT's `autocast_adapter_dtype`, multi-LoRA's fp32 factors)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 class PeftBank:
     """PEFT adapters on one `AdapterPool`, trained user after user: every PEFT kind, the reference path."""
 
@@ -68,7 +74,7 @@ class PeftBank:
     def save(self, key: str, folder, manifest) -> Path:
         from oppu.model import save_user_adapter
 
-        return save_user_adapter(self.pool, key, folder, manifest)
+        return save_user_adapter(self.pool, key, folder, {**manifest, "compute_dtype": dtype_name(self.pool.base)})
 
     def generate(self, tokenizer, prompts, keys, gen_cfg, max_new_tokens, max_prompt_tokens) -> list[str]:
         from oppu.generate import generate
@@ -101,7 +107,7 @@ class MultiLoraBank:
         return train_users(self.ml, tokenizer, task, users, style, peft_cfg, train_cfg, **kwargs)
 
     def save(self, key: str, folder, manifest) -> Path:
-        return self.ml.save(key, folder, manifest)
+        return self.ml.save(key, folder, {**manifest, "compute_dtype": dtype_name(self.ml.model)})
 
     def generate(self, tokenizer, prompts, keys, gen_cfg, max_new_tokens, max_prompt_tokens) -> list[str]:
         from oppu.multilora import generate_multi, greedy, sampler

@@ -40,13 +40,20 @@ class ModelConfig:
     device: str = "auto"
     """`auto` picks cuda when available, else cpu."""
     dtype: str = "auto"
-    """`auto`: float32 on CPU (bf16 speed there depends on native bf16 support), bfloat16 on CUDA."""
+    """`auto`: bfloat16 on CUDA; on a CPU bf16 speed depends on the CPU's native bf16 support, so `auto` takes
+    bfloat16 only where a short probe measured it clearly faster than float32 (`oppu.precision`; cached per
+    machine in the model cache by `oppu prepare`), float32 elsewhere. LoRA factors stay float32 either way."""
+    compute_dtype: str | None = None
+    """Recorded, not read: the dtype the model computed in (`dtype` resolved on the machine that ran), written into
+    a run's stored config and its adapters' manifests (`oppu.experiment.portable_config`); None before a run."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model name is empty: pass a hub id, a local folder or the default")
         _require(self.device in ("auto", "cpu", "cuda"), f"device {self.device!r}: use auto, cpu or cuda")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        _require(self.compute_dtype in (None, "float32", "bfloat16", "float16", "float64"),
+                 f"compute_dtype {self.compute_dtype!r}: a recorded float32, bfloat16, float16 or float64 (or None)")
 
 
 @dataclass(frozen=True)

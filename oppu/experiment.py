@@ -99,7 +99,7 @@ def code_version() -> str:
 
 def portable_config(cfg: RunConfig) -> dict[str, Any]:
     """The run config with absolute paths made relative (or reduced to a name): manifests travel."""
-    from oppu.model import model_key
+    from oppu.model import compute_dtype_name, model_key
 
     def rel(path: str) -> str:
         p = Path(path)
@@ -113,7 +113,8 @@ def portable_config(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.to_dict()
     for key in ("data_dir", "db", "artifacts_dir"):
         d[key] = rel(d[key])
-    d["model"] = {**d["model"], "name": model_key(cfg.model)}
+    d["model"] = {**d["model"], "name": model_key(cfg.model),
+                  "compute_dtype": compute_dtype_name(cfg.model, MODEL_CACHE)}
     return d
 
 

