@@ -177,6 +177,13 @@ class ReportProgress:
                             desc="report", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                                                       "users [{elapsed}<{remaining}] {postfix}")
 
+    def write(self, line: str) -> None:
+        """A line above the bar (or plain, without one)."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
     def start(self, what: str) -> None:
         self.what = what
         if self.bar is not None:
@@ -459,11 +466,19 @@ def render(command: str, preset_name: str, preset: ReportPreset, executed: Seque
 
 # -- the whole report --------------------------------------------------------------------------------------------
 def build_report(preset_name: str, out: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None,
-                 command: str = "", progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Plan, run every run into the store, gather and write the HTML report; returns its path."""
+                 command: str = "", progress: bool = True, log: Callable[[str], None] = print,
+                 seeds: Sequence[int] | None = None) -> Path:
+    """Plan, run every run into the store, gather and write the HTML report; returns its path. `seeds`
+    replaces the preset's seeds."""
+    import dataclasses
+
     from oppu.store import Store
 
     preset = get_preset(preset_name)
+    if seeds is not None:
+        from oppu.replicates import parse_seeds
+
+        preset = dataclasses.replace(preset, seeds=tuple(parse_seeds(seeds)))
     runs, notes = plan(preset, overrides)
     if not runs:
         raise ReportError("nothing to run: no task of the report has a data folder ("
@@ -476,7 +491,7 @@ def build_report(preset_name: str, out: str | os.PathLike[str], overrides: Mappi
     start = time.perf_counter()
     bar = ReportProgress(users_to_run(runs, preset.seeds), enabled=progress)
     try:
-        executed = execute(runs, preset.seeds, bar, log=log if not progress else (lambda line: None))
+        executed = execute(runs, preset.seeds, bar, log=bar.write if progress else log)
     finally:
         bar.close()
     wall = time.perf_counter() - start

@@ -93,7 +93,13 @@ with widgets.friendly("read the stored runs"):
         from oppu.stats import paired_difference
         from oppu.uncertainty import as_replicates
 
-        d = paired_difference(as_replicates(run_scores), method_a, method_b, higher_is_better=not lower)
+        try:
+            d = paired_difference(as_replicates(run_scores), method_a, method_b, higher_is_better=not lower)
+        except ValueError:  # the two methods share no scored query in this run
+            d = None
+    else:
+        d = None
+    if d is not None:
         d = {**d, "label_a": label_a, "label_b": label_b}
         st.caption(f"User {user_id}: {label_a} better on {counts.get('a', 0)}, tie on {counts.get('tie', 0)}, "
                    f"{label_b} better on {counts.get('b', 0)} queries. Every user of the run: "

@@ -172,6 +172,11 @@ def test_run_seeds_then_results_by_group_and_run(cli_paths, capsys, tmp_path, mo
     out = capsys.readouterr().out
     assert f"seed group {group}" in out and "difference from OPPU" in out and "Non-personalized" in out
 
+    assert main(["results", "--db", p["db"]]) == 0
+    listing = capsys.readouterr().out
+    assert f"seed 0 of group {group}" in listing and f"seed 1 of group {group}" in listing
+    assert "--group GROUP" in listing
+
     assert main(["results", "--db", p["db"], "--group", "nope"]) == 2
     assert "no seed group 'nope'" in capsys.readouterr().err
     assert main(["results", "--db", p["db"], "--group", group, "--reference", "rag"]) == 2

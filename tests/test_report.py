@@ -72,3 +72,21 @@ def test_report_command_dry_run_and_bad_preset(overrides, capsys):
     assert "user trainings" in out and "k=2" in out and "note: " in out
     with pytest.raises(SystemExit):
         main(["report", "--preset", "huge"])
+
+
+def test_progress_bar_counts_users_across_runs_and_shows_time_left(capsys):
+    from oppu.report import ReportProgress
+
+    bar = ReportProgress(6)
+    bar.start("[1/2] main LaMP_2M")
+    bar("user:alice:plain", 3, 12, 0.5)
+    bar("users", 1, 2, None)
+    assert bar.bar.n == 1
+    bar.finish_run(2)
+    bar.start("[2/2] k LaMP_2M k=2")
+    bar("users", 3, 4, None)
+    assert bar.bar.n == 5
+    bar.write("a line above the bar")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "5/6 users" in err and "<" in err and "a line above the bar" in err  # elapsed<remaining

@@ -24,6 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="data folder holding <task id>/ (default data/demo)")
     parser.add_argument("--db", help="results store (default runs/oppu.duckdb)")
     parser.add_argument("--artifacts", help="adapters and caches (default runs/artifacts)")
+    parser.add_argument("--seeds", help="comma list replacing the preset's seeds (e.g. 0 for one seed)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and stop")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (one line per run instead)")
 
@@ -41,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     try:
         preset = get_preset(args.preset)
+        if args.seeds:
+            import dataclasses
+
+            from oppu.replicates import parse_seeds
+
+            preset = dataclasses.replace(preset, seeds=tuple(parse_seeds(args.seeds)))
         runs, notes = plan(preset, overrides)
     except (ReportError, ValueError) as exc:
         return fail("report", exc)
@@ -55,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     command = "oppu report " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["report"] \
         else "oppu report --preset " + args.preset + " --out " + shlex.quote(args.out)
     try:
-        path = build_report(args.preset, args.out, overrides, command=command, progress=not args.quiet)
+        path = build_report(args.preset, args.out, overrides, command=command, progress=not args.quiet,
+                            seeds=preset.seeds)
     except (ReportError, *usage_errors()) as exc:
         return fail("report", exc)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

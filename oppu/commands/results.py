@@ -34,7 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def collect(db: str, run_id: str | None = None, limit: int = 20, scoring: str = "official") -> list[dict]:
-    """[{run_id, task, status, created, tag, users, scoring, metrics: {method: {metric: value}}}], newest first."""
+    """[{run_id, task, status, created, tag, seed, seed_group, users, scoring, metrics: {method: {metric: value}}}],
+    newest first."""
     from oppu.store import Store
 
     if scoring not in SCORING_CHOICES:
@@ -45,13 +46,17 @@ def collect(db: str, run_id: str | None = None, limit: int = 20, scoring: str = 
         runs = runs[runs.run_id == run_id]
         if runs.empty:
             raise ValueError(f"no run {run_id!r} in {db}: see `oppu results --db {db}` for the run ids")
+    configs = {r.run_id: json.loads(r.config or "{}") for r in store.runs()[["run_id", "config"]].itertuples()}
     out = []
     for row in runs.itertuples():
+        config = configs.get(row.run_id, {})
         metrics: dict[str, dict[str, float]] = {}
         for m in store.run_metrics(row.run_id, None if scoring == "both" else scoring).itertuples():
             metrics.setdefault(m.method, {})[m.metric] = float(m.value)
         out.append({"run_id": row.run_id, "task": row.task, "status": row.status, "created": str(row.created),
-                    "tag": row.tag or "", "users": int(row.users), "scoring": scoring, "metrics": metrics})
+                    "tag": row.tag or "", "seed": int((config.get("user_train") or {}).get("seed", 0)),
+                    "seed_group": config.get("seed_group") or "", "users": int(row.users), "scoring": scoring,
+                    "metrics": metrics})
     return out
 
 
@@ -83,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs in {args.db}")
     for r in runs:
-        print(f"{r['run_id']}  {r['task']}  {r['status']}  users={r['users']}  {r['tag']}")
+        group = f"  seed {r['seed']} of group {r['seed_group']}" if r["seed_group"] else ""
+        print(f"{r['run_id']}  {r['task']}  {r['status']}  users={r['users']}  {r['tag']}{group}")
         methods = sorted(r["metrics"])
         names = _column_order({n for m in methods for n in r["metrics"][m]})
         if names:
@@ -93,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
                 cells = "".join(f"{r['metrics'][m][n]:{width}.4f}" if n in r["metrics"][m] else " " * width
                                 for n in names)
                 print("  " + m.ljust(14) + cells)
+    if any(r["seed_group"] for r in runs):
+        print("(`oppu results --group GROUP` pools a group's seeds into intervals over users and seeds)")
+    elif runs:
+        print("(`oppu results --run RUN_ID` adds 95% intervals and paired differences against --reference)")
     if runs and args.scoring == "official":
         print("(official LaMP scoring; --scoring lenient or both shows the answers recovered from free text)")
     return 0
