@@ -5,6 +5,7 @@
   per-user loss, clipping and AdamW) and answer in shared batches; rows leave a batch as soon as they end.
 - `PeftBank` (IA3, prompt tuning, or LoRA with `RunConfig.batching="per_user"`): PEFT's own adapters on one
   `AdapterPool`, trained one user after another (`oppu.train`) and answered through `oppu.generate`.
+- `batching="auto"` takes, per device, the engine measured faster on a real run (`AUTO_ENGINE`).
 
 Both save standard PEFT adapter folders with the same manifest, so adapters, the store and the dashboard cannot
 tell which engine made them. The experiment only talks to this interface.
@@ -121,10 +122,23 @@ class MultiLoraBank:
         self.ml.remove(key)
 
 
-def make_bank(model, peft_cfg: PeftConfig, batching: str = "multi_lora") -> AdapterBank:
-    """The engine for a run: gathered multi-LoRA for LoRA adapters, PEFT's per-user loop otherwise."""
-    if batching not in BATCHINGS:
-        raise ValueError(f"batching {batching!r}: use one of {', '.join(BATCHINGS)}")
-    if peft_cfg.kind == "lora" and batching == "multi_lora":
+AUTO_ENGINE = {"cpu": "multi_lora", "cuda": "multi_lora"}
+"""What `batching="auto"` runs LoRA users with, per device: the engine measured faster on a real run there
+(`python -m bench.engines`, quoted in docs/PERFORMANCE.md). IA3 and prompt tuning always run per user."""
+
+
+def resolve_batching(batching: str, peft_cfg: PeftConfig, device: str) -> str:
+    """The engine a run's `batching` setting means for its PEFT kind on `device` (`cpu` or `cuda`)."""
+    if batching not in ("auto", *BATCHINGS):
+        raise ValueError(f"batching {batching!r}: use auto or one of {', '.join(BATCHINGS)}")
+    if peft_cfg.kind != "lora":
+        return "per_user"
+    return AUTO_ENGINE.get(device, "multi_lora") if batching == "auto" else batching
+
+
+def make_bank(model, peft_cfg: PeftConfig, batching: str = "auto") -> AdapterBank:
+    """The engine for a run: gathered multi-LoRA or PEFT's per-user loop, as `resolve_batching` picks."""
+    device = next(model.parameters()).device.type
+    if resolve_batching(batching, peft_cfg, device) == "multi_lora":
         return MultiLoraBank(model, peft_cfg)
     return PeftBank(model)

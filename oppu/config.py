@@ -230,10 +230,11 @@ class RunConfig:
     such run sets `user_train.seed` and `generation.seed` to its seed (adapter initialisation, dropout, example
     order, sampling) and keeps `adaptation_train.seed`, so every seed answers on the same task-adapted base.
     Empty for a run that is not one of a set of replicates."""
-    batching: Literal["multi_lora", "per_user"] = "multi_lora"
+    batching: Literal["auto", "multi_lora", "per_user"] = "multi_lora"
     """How LoRA users train and answer: `multi_lora` puts a chunk of users in shared batches, each row routed to
     its own adapter (`oppu/multilora.py`); `per_user` is PEFT's one-user-at-a-time loop, the reference path.
-    IA3 and prompt tuning always run per user (PEFT cannot mix them in one batch)."""
+    IA3 and prompt tuning always run per user (PEFT cannot mix them in one batch).
+    `auto` takes the engine measured faster on a real run on the run's device (`oppu.banks.AUTO_ENGINE`)."""
 
     def __post_init__(self) -> None:
         from oppu.tasks import TASKS  # local import: tasks imports nothing from here at module level
@@ -252,7 +253,8 @@ class RunConfig:
         else:
             _require(self.users is not None and self.users >= 1, "users must be >= 1 (or pass user_ids)")
         _require(self.history_format in ("full", "text_only"), "history_format: use full or text_only")
-        _require(self.batching in ("multi_lora", "per_user"), "batching: use multi_lora or per_user")
+        _require(self.batching in ("auto", "multi_lora", "per_user"),
+                 "batching: use multi_lora or per_user, or auto")
 
     # -- derived -------------------------------------------------------------------------------------------
     def needs_adapter(self) -> bool:
