@@ -233,15 +233,20 @@ def export_zip(entry: UserAdapters, out: str | Path, artifacts: str | Path | Non
     artifacts = Path(artifacts) if artifacts is not None else entry.folder.parents[3]
     top = PurePosixPath(entry.folder.name)
     manifests = {s: read_manifest(entry.folder / s) for s in entry.styles}
-    base = base_model_info(run_config(next(iter(manifests.values()))).model.name)
-    tasks = {s: task_adapter_folder(artifacts, m) for s, m in manifests.items()}
+    try:
+        base = base_model_info(run_config(next(iter(manifests.values()))).model.name)
+        tasks = {s: task_adapter_folder(artifacts, m) for s, m in manifests.items()}
+    except AdapterError:  # an adapter not written by `oppu run` (no run config): exported as it is
+        base = {"name": "unknown", "kind": "unknown", "peft_base": None,
+                "load": "not recorded: the manifest holds no run config"}
+        tasks = dict.fromkeys(manifests)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
         def add_folder(folder: Path, under: PurePosixPath) -> None:
             for path in sorted(folder.rglob("*")):
                 if not path.is_file() or path.is_symlink() or path.name.startswith("."):
                     continue
                 name = str(under.joinpath(*path.relative_to(folder).parts))
-                if path.name == "adapter_config.json":
+                if path.name == "adapter_config.json" and base["peft_base"] is not None:
                     archive.writestr(name, _portable_adapter_config(path, base["peft_base"]))
                 elif path.name != "README.md":
                     archive.write(path, name)

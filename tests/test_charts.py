@@ -171,7 +171,8 @@ def test_list_zip_and_delete_adapters(tmp_path):
     assert adapter_files.manifests(alice, tmp_path)["plain"]["final_loss"] == 0.25
 
     with zipfile.ZipFile(BytesIO(adapter_files.adapter_zip(alice, tmp_path))) as archive:
-        assert sorted(archive.namelist()) == ["alice/plain/adapter_config.json",
+        assert sorted(archive.namelist()) == ["alice/README.md", "alice/base_model.json", "alice/load.py",
+                                              "alice/plain/adapter_config.json",
                                               "alice/plain/adapter_model.safetensors", "alice/plain/manifest.json"]
 
     adapter_files.delete_adapter(alice, tmp_path)
