@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,9 @@ from pathlib import Path
 import torch
 
 from oppu.errors import OppuError
+
+PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+"""A PEFT LoRA weight name: `base_model.model.<module>.lora_A[.<adapter>].weight`."""
 
 LoRA = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """{module name: (A [r, in], B [out, r] with the scaling folded in)}."""
@@ -33,8 +37,6 @@ class AdapterLoadError(OppuError, ValueError):
 def read_lora(folder: str | Path) -> LoRA:
     """A plain PEFT LoRA folder as scaled factor pairs per module."""
     from safetensors.torch import load_file
-
-    from oppu.multilora.model import _PEFT_KEY
 
     folder = Path(folder)
     try:
@@ -49,7 +51,7 @@ def read_lora(folder: str | Path) -> LoRA:
     scaling = float(cfg["lora_alpha"]) / (math.sqrt(r) if cfg.get("use_rslora") else r)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
-        match = _PEFT_KEY.match(key)
+        match = PEFT_KEY.match(key)
         if match is None:
             raise AdapterLoadError(f"unexpected key {key!r} in {folder}: only LoRA A/B weights can be served")
         pairs.setdefault(match["module"], {})[match["ab"]] = tensor

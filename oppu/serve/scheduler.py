@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 Event = tuple[str, Any]
 
 
+def cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x: the name this version's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class SchedulerStopped(OppuError, RuntimeError):
     """The server is shutting down; the request was not answered."""
 
@@ -188,8 +195,6 @@ class Scheduler:
         from transformers import DynamicCache
 
         from oppu.generate import left_pad
-        from oppu.multilora.decode import _cache_kwarg
-
         model = self.ml.model
         ids, mask = left_pad([row.req.ids for row in new], self.pad_id, self.ml.scaling.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -198,7 +203,7 @@ class Scheduler:
         try:
             self.ml.active_route = self.ml.make_route([row.slot for row in new])
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           logits_to_keep=1, **{_cache_kwarg(model): kv}).logits[:, -1]
+                           logits_to_keep=1, **{cache_kwarg(model): kv}).logits[:, -1]
         finally:
             self.ml.active_route = previous
         self._join(new, kv, mask, positions[:, -1] + 1)
@@ -223,8 +228,6 @@ class Scheduler:
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
 
     def _decode_step(self) -> None:
-        from oppu.multilora.decode import _cache_kwarg
-
         model = self.ml.model
         if self._route is None:
             self._route = self.ml.make_route([row.slot for row in self._rows])
@@ -234,7 +237,7 @@ class Scheduler:
         try:
             self.ml.active_route = self._route
             logits = model(input_ids=tokens, attention_mask=self._mask, position_ids=self._pos[:, None],
-                           use_cache=True, **{_cache_kwarg(model): self._kv}).logits[:, -1]
+                           use_cache=True, **{cache_kwarg(model): self._kv}).logits[:, -1]
         finally:
             self.ml.active_route = previous
         self._pos = self._pos + 1
