@@ -38,33 +38,58 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def run_task(task: str, users: int | None) -> dict:
-    """One default run of `task`; returns its id, command, wall time, metric rows and paired differences."""
-    from oppu.config import build_config, method_label
-    from oppu.experiment import run_experiment
-    from oppu.stats import method_summary, paired_difference, per_query_scores
-    from oppu.store import Store
-    from oppu.tasks import get_task
+def _command(task: str, users: int | None) -> str:
+    return f"oppu run --task {task} --dtype float32" + (f" --users {users}" if users is not None else "")
 
-    # float32 on purpose: bf16 answers depend on the CPU's bf16 arithmetic, float32 answers reproduce on any x86 CPU.
+
+def run_task(task: str, users: int | None) -> dict:
+    """One default run of `task` (float32 on purpose: bf16 answers depend on the CPU's bf16 arithmetic, float32
+    answers reproduce on any x86 CPU); returns its summary."""
+    from oppu.config import build_config
+    from oppu.experiment import run_experiment
+    from oppu.store import Store
+
     overrides = {"task": task, "db": str(WORK / "oppu.duckdb"), "artifacts_dir": str(WORK / "artifacts"),
                  "model.dtype": "float32"}
-    command = f"oppu run --task {task} --dtype float32"
     if users is not None:
         overrides["users"] = users
-        command += f" --users {users}"
     cfg = build_config(None, overrides)
     store = Store(cfg.db)
     start = time.perf_counter()
     run_id = run_experiment(cfg, store=store)
-    wall = time.perf_counter() - start
+    return summarize(store, run_id, task, cfg.methods, _command(task, users), time.perf_counter() - start)
+
+
+def stored_task(task: str) -> dict | None:
+    """The newest finished run of `task` in the results store, summarized (for `--render-only`)."""
+    from oppu.config import RunConfig
+    from oppu.store import Store
+
+    store = Store(WORK / "oppu.duckdb")
+    runs = store.runs()
+    runs = runs[(runs.task == task) & (runs.status == "done")]
+    if runs.empty:
+        return None
+    run = runs.iloc[0]
+    cfg = RunConfig.from_dict(json.loads(run["config"]))
+    users = None if cfg.users == RunConfig().users else cfg.users
+    wall = (run["finished"] - run["created"]).total_seconds()
+    result = summarize(store, run["run_id"], task, cfg.methods, _command(task, users), wall)
+    return {**result, "started": run["created"].strftime("%Y-%m-%d %H:%M")}
+
+
+def summarize(store, run_id: str, task: str, methods, command: str, wall: float) -> dict:
+    """Metric rows (official, lenient, per-query mean with its interval, n) and paired differences of one run."""
+    from oppu.config import method_label
+    from oppu.stats import method_summary, paired_difference, per_query_scores
+    from oppu.tasks import get_task
+
     metrics = store.run_metrics(run_id, scoring=None)
-    predictions = store.run_predictions(run_id)
-    scores = per_query_scores(predictions, scoring="official")
+    scores = per_query_scores(store.run_predictions(run_id), scoring="official")
     summary = method_summary(scores).set_index("method")
     higher = get_task(task).kind != "rating"  # LaMP_3's per-query score is an absolute error
     rows = []
-    for method in cfg.methods:
+    for method in methods:
         values = {r.metric: r.value for r in metrics[metrics.method == method].itertuples()}
         row = {"method": method_label(method)}
         row.update({name: values[name] for name in sorted(values) if not name.startswith("lenient_")})
@@ -75,7 +100,7 @@ def run_task(task: str, users: int | None) -> dict:
             row["users"], row["queries"] = int(s["n_users"]), int(s["n_queries"])
         rows.append(row)
     pairs = [(a, b) for a, b in (("oppu", "none"), ("oppu+rag", "rag"), ("oppu+pag", "pag"), ("oppu", "rag"))
-             if a in cfg.methods and b in cfg.methods]
+             if a in methods and b in methods]
     differences = []
     for a, b in pairs:
         d = paired_difference(scores, a, b, higher_is_better=higher)
@@ -142,13 +167,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma list of task ids (default: all seven)")
     parser.add_argument("--users", type=int, default=None, help="test users per task (default: the config's)")
     parser.add_argument("--out", default=str(OUT), help="where to write the Markdown (default: docs/RESULTS.md)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="write the file from the newest finished runs in runs/results/ without running anything")
     args = parser.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     results = []
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        result = run_task(task, args.users)
+        result = stored_task(task) if args.render_only else run_task(task, args.users)
+        if result is None:
+            print(f"{task}: no finished run in {WORK}", flush=True)
+            continue
         print(json.dumps({k: result[k] for k in ("task", "run_id", "wall_s")}), flush=True)
         results.append(result)
+        started = min([started, *(r["started"] for r in results if "started" in r)])
         Path(args.out).write_text(render(results, machine_info(), started))  # a stopped run keeps its tables
     print(f"wrote {args.out}")
 
