@@ -6,8 +6,7 @@
 - `service.py`: the core without HTTP (model, registry, cache, scheduler, prompt encoding, `complete`);
 - `auth.py`: API keys and which users' models each may use;
 - `app.py`: the OpenAI-shaped FastAPI app (chat and text completions, models, server-sent events);
-- `playground.py`: one input answered side by side by the base, RAG, OPPU and OPPU+RAG (the dashboard page);
-- `ray_app.py`: the same app as a Ray Serve deployment with model multiplexing.
+- `playground.py`: one input answered side by side by the base, RAG, OPPU and OPPU+RAG (the dashboard page).
 
 Nothing is imported at package import: the CLI stays fast.
 """
