@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: machine facts, the fp32 matmul peak, per-phase peak memory, timing,
+"""Shared pieces of the benchmark scripts: machine facts, the matmul peak in the bench dtype, per-phase peak memory, timing,
 the report table and its append to docs/bench-log/<date>.md, and the real default model with demo users.
 
 Every benchmark measures its baseline and the project's path in the same process on the same inputs, and
@@ -30,7 +30,8 @@ random model never ends an answer early, so generation runs every row to its bud
 
 
 DTYPE_ENV = "OPPU_BENCH_DTYPE"
-"""`float32` (default: the CPU default and what the targets are stated in) or `bfloat16` (--dtype)."""
+"""`auto` (default: what a run's `dtype="auto"` computes in on this machine, `oppu.precision`), `float32` or
+`bfloat16` (--dtype). Every path of a script runs in it, so its ratios compare engines, not precisions."""
 
 
 def bench_device() -> str:
@@ -38,7 +39,10 @@ def bench_device() -> str:
 
 
 def bench_dtype() -> str:
-    return os.environ.get(DTYPE_ENV, "float32")
+    """The dtype name the benchmark model computes in (`auto` resolved on this machine and device)."""
+    from oppu.precision import compute_dtype
+
+    return compute_dtype(os.environ.get(DTYPE_ENV, "auto"), bench_device(), MODEL_CACHE)
 
 
 def sync() -> None:
@@ -76,7 +80,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def matmul_peak_gflops(n: int | None = None, seconds: float = 2.0) -> float:
-    """Best GFLOP/s of an n x n matmul in the bench dtype (fp32 unless --dtype) over about `seconds` on the bench
+    """Best GFLOP/s of an n x n matmul in the bench dtype over about `seconds` on the bench
     device: the ceiling model FLOP rates are compared to (1024 on a CPU, 8192 on a GPU, large enough to fill
     either)."""
     import torch
@@ -235,8 +239,8 @@ def append_report(title: str, table: str, notes: Sequence[str] = (), write: bool
 
 # -- model and data --------------------------------------------------------------------------------------------
 def load_default_model():
-    """The embedded SmolLM2-135M default through oppu.model (converted once into the local cache), fp32 on the
-    bench device; with OPPU_BENCH_RANDOM_MODEL, the same architecture with seeded random weights."""
+    """The embedded SmolLM2-135M default through oppu.model (converted once into the local cache), in the bench
+    dtype on the bench device; with OPPU_BENCH_RANDOM_MODEL, the same architecture with seeded random weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = os.environ.get(RANDOM_MODEL_ENV)
     if folder:
@@ -261,8 +265,9 @@ def load_default_model():
 def add_device_argument(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help=f"where the model runs (default: ${DEVICE_ENV} or cpu)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help=f"the base model's dtype, for every path alike (default: ${DTYPE_ENV} or float32)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                        help=f"the base model's dtype, for every path alike (default: ${DTYPE_ENV} or auto: what "
+                             "a run computes in on this machine)")
 
 
 def apply_device_argument(args) -> None:

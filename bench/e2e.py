@@ -15,8 +15,10 @@ own budget of new tokens. Task adaptation is excluded from both paths (the plain
   task_adaptation=False, ...))` with the database and artifacts in a temporary folder: whatever training and
   generation path the project uses by default, plus its store writes and adapter manifests.
 
-Both paths see the same token ids for training (`oppu.train.encode_example`) and for queries (the chat-templated
-task prompt). Targets: project >= 3x the official loop in wall time, and a 16-user project run under
+Each path runs in its own precision: the project in its `dtype="auto"` (`oppu.precision`: bf16 on a CPU measured
+to compute it natively, else fp32; or `--dtype`), the official loop as `OPPU.py` trains (bf16 weights cast to fp32
+by `prepare_model_for_kbit_training`, bf16 autocast, gradient checkpointing, fp32 norms). Both paths see the same
+token ids for training (`oppu.train.encode_example`) and for queries (the chat-templated task prompt). Targets: project >= 3x the official loop in wall time, and a 16-user project run under
 2 GB peak RSS. Answers are checked to be valid labels and compared (they need not be identical: the two paths
 batch, shuffle and round differently).
 
@@ -78,7 +80,8 @@ def query_prompt(task, query) -> str:
 
 # -- the official per-user loop, leak fixed --------------------------------------------------------------------
 def trainer_arguments(train_cfg, output_dir: Path):
-    """The official `TrainingArguments` shape with the project's per-user settings (what both paths share)."""
+    """The official `TrainingArguments` (bf16 autocast included) with the project's per-user settings (what both
+    paths share)."""
     import transformers
 
     return transformers.TrainingArguments(
@@ -87,8 +90,41 @@ def trainer_arguments(train_cfg, output_dir: Path):
         weight_decay=train_cfg.weight_decay, warmup_steps=train_cfg.warmup_ratio, max_grad_norm=train_cfg.max_grad_norm,
         lr_scheduler_type="linear", train_sampling_strategy="group_by_length", save_strategy="no",
         logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=bench_device() == "cpu",
-        seed=train_cfg.seed,
+        seed=train_cfg.seed, bf16=True,  # OPPU.py: autocast to bf16 over its fp32 weights
         dataloader_pin_memory=False)
+
+
+def official_model(model_name: str | None = None):
+    """The base as `OPPU.py` prepares it: loaded in bf16, `gradient_checkpointing_enable()`, then
+    `prepare_model_for_kbit_training`, which on a model that is not quantized freezes every weight and casts it to
+    fp32. So it trains fp32 weights (holding bf16 values) under bf16 autocast, recomputing each layer's activations
+    in the backward; it answers in fp32 (its `torch.autocast(device_type="cuda")` leaves CPU work alone; on a GPU
+    it is float16 autocast, kept here)."""
+    import peft
+
+    from oppu.config import ModelConfig
+    from oppu.model import load_model
+
+    model, tokenizer = load_model(ModelConfig(name=model_name or ModelConfig().name, device=bench_device(),
+                                              dtype="bfloat16"), MODEL_CACHE)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable()
+    return peft.prepare_model_for_kbit_training(model), tokenizer
+
+
+def _check_gradients_flow(wrapped, trainer) -> None:
+    """Gradient checkpointing over frozen embeddings can silently cut every LoRA gradient: check one batch."""
+    import torch
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.autocast(wrapped.device.type, dtype=torch.bfloat16):
+        loss = wrapped(**{k: v.to(wrapped.device) for k, v in batch.items()}).loss
+    loss.backward()
+    moved = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in wrapped.named_parameters()
+                if "lora_B" in n)  # lora_A gets none while B is still zero
+    wrapped.zero_grad(set_to_none=True)
+    if not moved:
+        raise SystemExit("the official loop's LoRA gets no gradient: gradient checkpointing cut it")
 
 
 def official_loop(model, tokenizer, task, users: Sequence, peft_cfg, train_cfg, max_new_tokens: int,
@@ -128,18 +164,27 @@ def official_loop(model, tokenizer, task, users: Sequence, peft_cfg, train_cfg, 
             model=wrapped, args=trainer_arguments(train_cfg, workdir / "trainer"), train_dataset=rows,
             data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, padding=True,
                                                               return_tensors="pt"))
+        for name, module in trainer.model.named_modules():  # OPPU.py keeps the norms in fp32
+            if "norm" in name:
+                module.to(torch.float32)
+        wrapped.config.use_cache = False
+        if user is users[0]:
+            _check_gradients_flow(wrapped, trainer)
         trainer.train()
         wrapped.save_pretrained(str(workdir / "adapters" / uid))
         wrapped.eval()
+        wrapped.config.use_cache = True
         trained = time.perf_counter()
         stats["train_s"] += trained - started
         with torch.no_grad():
             for query in user.queries:  # one at a time, as the official split_batch(..., 1)
                 ids = encode_prompt(tokenizer, query_prompt(task, query), DEFAULT_MAX_PROMPT_TOKENS)
-                out = wrapped.generate(input_ids=torch.tensor([ids], device=wrapped.device),
-                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=wrapped.device),
-                                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                       pad_token_id=pad_id)
+                with torch.autocast(device_type="cuda", enabled=wrapped.device.type == "cuda"):
+                    out = wrapped.generate(input_ids=torch.tensor([ids], device=wrapped.device),
+                                           attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                     device=wrapped.device),
+                                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                           pad_token_id=pad_id, use_cache=True)
                 new = out[0, len(ids):].tolist()
                 new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
                 stats["generated_tokens"] += len(new)
@@ -153,27 +198,29 @@ def official_loop(model, tokenizer, task, users: Sequence, peft_cfg, train_cfg, 
 
 # -- the project's path ----------------------------------------------------------------------------------------
 class StageClock:
-    """Progress callback that splits the project's wall time into training and the rest (generation, writes).
-
-    A chunk of users trains (per-step `user:*` events), then generates and stores (ended by a `users` event);
-    the time from a chunk's last training event to its `users` event is counted as generation.
-    """
+    """Progress callback that splits a run's wall time into answering (from each `generate:<style>` start event
+    to its end event: batched generation) and the rest, counted as training (it also holds the model load, the
+    store writes and the metrics, which are small)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.last_train = self.start
-        self.chunk_start = self.start
-        self.train_s = 0.0
+        self.answer_started: float | None = None
         self.rest_s = 0.0
+        self.end = self.start
 
     def __call__(self, stage: str, step: int, total: int, loss: float | None) -> None:
         now = time.perf_counter()
-        if stage.startswith("user:"):
-            self.last_train = now
-        elif stage == "users":
-            self.train_s += self.last_train - self.chunk_start
-            self.rest_s += now - self.last_train
-            self.chunk_start = self.last_train = now
+        self.end = now
+        if stage.startswith("generate:"):
+            if step == 0:
+                self.answer_started = now
+            elif step == total and self.answer_started is not None:
+                self.rest_s += now - self.answer_started
+                self.answer_started = None
+
+    @property
+    def train_s(self) -> float:
+        return self.end - self.start - self.rest_s
 
 
 def project_run(task_id: str, user_ids: Sequence[str], user_train, workdir: Path,
@@ -260,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         ours_answers = project_answers(store, run_id, user_ids)
         del store
 
-        model, tokenizer = load_default_model()
+        model, tokenizer = official_model(model_name)
         with phase("official per-user loop (leak fixed)") as theirs:
             their_answers, stats = official_loop(model, tokenizer, task, users, peft_cfg, train_cfg, budget,
                                                  workdir / "official")
@@ -298,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
          f"recent history items -> {tokens // train_cfg.epochs} training tokens per epoch, {train_cfg.epochs} "
          f"epochs, batch {train_cfg.batch_size}, lr {train_cfg.lr:g}, max_length {train_cfg.max_length}, clip {train_cfg.max_grad_norm:g}; "
          f"LoRA r={peft_cfg.r}/alpha={peft_cfg.alpha}/dropout {peft_cfg.dropout:g} on "
-         f"{'/'.join(peft_cfg.target_modules)}; {len(keys)} queries, greedy, {budget} new tokens at most; fp32; "
+         f"{'/'.join(peft_cfg.target_modules)}; {len(keys)} queries, greedy, {budget} new tokens at most; the project in "
+         f"its own dtype ({bench_dtype()}, `auto` unless --dtype), the official loop in its own (below); "
          "task adaptation excluded from both"),
         f"project vs official loop: {speedup:.2f}x wall, {theirs.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
         + verdict(speedup, TARGET_SPEEDUP),
@@ -308,11 +356,12 @@ def main(argv: list[str] | None = None) -> int:
          f"the two agree on {agree}/{len(keys)} ({agree / len(keys):.0%}); they need not be identical (different "
          "shuffling, batching and dropout masks in training)"),
         (f"official loop: {stats['queries']} batch-1 generate calls, {stats['generated_tokens']} tokens generated "
-         f"in {stats['generate_s']:.1f} s; Trainer without gradient checkpointing (the official script turns it "
-         "on: that would make the baseline slower, so leaving it off is conservative); its loss is Hugging Face's "
-         "over the full vocabulary at every position, as in the official code"),
-        ("project split: train s = from a chunk's start to its last training-step event, answer s = from there to "
-         "the chunk's end (generation, store writes, metrics); it includes loading the model from the cache"),
+         f"in {stats['generate_s']:.1f} s; in OPPU.py's own precision: weights loaded in bf16 and cast to fp32 "
+         "(prepare_model_for_kbit_training), bf16 autocast and gradient checkpointing in training, norms in fp32, "
+         "fp32 answers; its loss is Hugging Face's over the full vocabulary at every position, as in the official "
+         "code"),
+        ("project split: answer s = batched generation (between each style's generate events), train s = the rest "
+         "of the run (training, loading the model from the cache, store writes)"),
         (f"order: project first (cold, no model resident), then the official loop on a model loaded once; "
          f"code measured: {code_state()}"),
     ]
