@@ -2,12 +2,14 @@
 
 A separate process per benchmark keeps each one's peak RSS its own and leaves no warm state for the next.
 Each script appends its section to docs/bench-log/<date>.md unless --no-report is given; run one alone with
-`python -m bench.<name> --help` for its options (sizes, rounds).
+`python -m bench.<name> --help` for its options (sizes, rounds). At the end every target's line (its ratio and
+MET or MISSED, as the script printed it) is listed again, benchmark by benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -23,8 +25,21 @@ BENCHES: dict[str, tuple[str, str, str]] = {
                  "--no-report"),
     "e2e": ("bench.e2e", "16 LaMP_2M users end to end: run_experiment (OPPU) vs the official per-user loop",
             "--no-report"),
+    "engines": ("bench.engines", "8 LaMP_2M users, one real run: the multi_lora engine vs per_user", "--no-report"),
     "store": ("bench.bench_store", "every dashboard query on 1,000,000 prediction rows", "--no-write"),
 }
+
+
+def _run_and_collect(command: list[str]) -> tuple[int, list[str]]:
+    """Run a benchmark, passing its output through, and keep its target lines (`... MET (target ...)`)."""
+    lines = []
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            if re.search(r"\b(MET|MISSED) \(target", line) and not line.startswith("|"):  # not table rows
+                lines.append(line.strip().removeprefix("- "))
+    return proc.returncode, lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,16 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}: choose from {', '.join(BENCHES)}")
     summary, failed = [], []
+    verdicts: dict[str, list[str]] = {}
     for name in names:
         module, _, quiet = BENCHES[name]
         print(f"== {name}: {BENCHES[name][1]}", flush=True)
         started = time.perf_counter()
-        code = subprocess.call([sys.executable, "-m", module, *([quiet] if args.no_report else [])],
-                               cwd=ROOT)
+        code, lines = _run_and_collect([sys.executable, "-m", module, *([quiet] if args.no_report else [])])
+        verdicts[name] = lines
         summary.append(f"{name}: {time.perf_counter() - started:.0f} s" + ("" if code == 0 else f" (exit {code})"))
         if code != 0:
             failed.append(name)
     print("== done: " + ", ".join(summary))
+    print("== targets")
+    for name, lines in verdicts.items():
+        for line in lines or ["(no target line printed)"]:
+            print(f"{name}: {line}")
     return 1 if failed else 0
 
 
