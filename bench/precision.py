@@ -9,12 +9,15 @@ best of `--repeats` runs, after a warm-up. Not part of `python -m bench` (no tar
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from bench.common import (
+    DTYPE_ENV,
     add_device_argument,
     append_report,
     apply_device_argument,
+    bench_device,
     load_default_model,
     markdown_table,
 )
@@ -40,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     add_device_argument(parser)
     args = parser.parse_args(argv)
     apply_device_argument(args)
+    os.environ[DTYPE_ENV] = "float32"  # loaded in fp32; the bf16 variants are made from it below
 
     import torch
 
+    from oppu.precision import BF16_MIN_SPEEDUP, probe_cpu
+
+    probe = probe_cpu() if bench_device() == "cpu" else None
     model, _ = load_default_model()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
@@ -77,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         row["bf16 model speed-up"] = row["fp32 s"] / row["bf16 model s"]
     notes = [f"best of {args.repeats} runs after a warm-up; random token ids; the model's own weights",
              "bf16 autocast keeps fp32 weights and runs matmuls in bf16, as the official script trained"]
+    if probe is not None:
+        notes.append(f"oppu.precision's probe (what dtype=auto decides by): bf16 {probe.speedup:.2f}x fp32 on its "
+                     f"one-thread MLP block, {BF16_MIN_SPEEDUP:g}x needed -> auto = {probe.dtype}")
     append_report("Precision: fp32 against bf16", markdown_table(rows), notes, write=not args.no_report)
     return 0
 
