@@ -360,9 +360,9 @@ def _figure(fig, div_id: str) -> str:
 def _main_section(tables: list[dict[str, Any]]) -> str:
     from oppu.uncertainty import difference_line, format_p
 
-    parts = ["<p>Mean per-query score with its 95% interval (bootstrap over users, and seeds when several); "
-             "below each task, every method against the non-personalized row (paired on shared queries, "
-             "sign-flip permutation p, queries won/tied/lost) and the official LaMP metrics.</p>"]
+    parts = [("<p>Mean per-query score with its 95% interval (bootstrap over users, and seeds when several); "
+              "below each task, every method against the non-personalized row (paired on shared queries, "
+              "sign-flip permutation p, queries won/tied/lost) and the official LaMP metrics.</p>")]
     tasks = [t for t in tables if t["result"] is not None]
     if tasks:
         methods = [m for m in PAPER_METHODS if any(r["method"] == m for t in tasks for r in t["result"]["summary"])]
@@ -421,7 +421,7 @@ def _analysis_section(section: str, cells, metric_of: Callable[[str], tuple[str,
         out.append(_figure(fig, f"fig-{section}-{task}"))
         shown = frame.rename(columns={"score": "mean"})
         out.append(_table([by, "method", "mean", "95% CI", "users", "queries", "runs"],
-                          [[r[by], method_label(r["method"]), f"{r['mean']:.3f}",
+                          [[r[by] if r[by] != "" else "(none)", method_label(r["method"]), f"{r['mean']:.3f}",
                             f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["n_users"], r["n_queries"], r["n_runs"]]
                            for _, r in shown.iterrows()]))
     return "\n".join(out)

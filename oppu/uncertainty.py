@@ -92,8 +92,8 @@ def format_lines(result: dict) -> list[str]:
     pct = f"{result['settings']['ci']:.0%}"
     direction = "lower" if result["lower_is_better"] else "higher"
     seeds = result["seeds"]
-    lines = [f"{result['task']} · {result['metric']} per query ({direction} is better) · {len(result['runs'])} "
-             f"run(s), seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"]
+    lines = [(f"{result['task']} · {result['metric']} per query ({direction} is better) · {len(result['runs'])} "
+              f"run(s), seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")]
     width = max(18, *(len(r["label"]) + 2 for r in result["summary"]))
     lines.append("  " + "method".ljust(width) + f"{'mean':>8}  {pct + ' CI':<18}{'users':>6}{'queries':>9}"
                  f"{'seeds':>7}")

@@ -8,7 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_pages import LABELS, env, page, plotly_charts, populate, texts, values  # noqa: F401 - env is a fixture
+from test_pages import LABELS, page, plotly_charts, populate, texts, values
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch, tiny_data_dir):
+    """The dashboard's four folders in tmp (as in test_pages); data is the tiny LaMP_2M fixture."""
+    folders = {"OPPU_DATA": tiny_data_dir, "OPPU_DB": tmp_path / "oppu.duckdb", "OPPU_JOBS": tmp_path / "jobs",
+               "OPPU_ARTIFACTS": tmp_path / "artifacts"}
+    for name, value in folders.items():
+        monkeypatch.setenv(name, str(value))
+    return folders
 
 
 @pytest.fixture()

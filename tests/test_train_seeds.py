@@ -4,10 +4,20 @@ one seed group (dashboard.forms.train_configs, pages/train.py); a bad list is to
 from __future__ import annotations
 
 import pytest
-from test_pages import env, page  # noqa: F401 - env is a fixture
+from test_pages import page
 
 from dashboard import forms
 from oppu.config import RunConfig
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch, tiny_data_dir):
+    """The dashboard's four folders in tmp (as in test_pages); data is the tiny LaMP_2M fixture."""
+    folders = {"OPPU_DATA": tiny_data_dir, "OPPU_DB": tmp_path / "oppu.duckdb", "OPPU_JOBS": tmp_path / "jobs",
+               "OPPU_ARTIFACTS": tmp_path / "artifacts"}
+    for name, value in folders.items():
+        monkeypatch.setenv(name, str(value))
+    return folders
 
 
 def test_train_configs_one_per_seed_in_one_group(env):

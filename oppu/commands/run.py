@@ -170,9 +170,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_seeds(cfg, args: argparse.Namespace) -> int:
     """`--seeds`: one run per seed, each printed as it finishes, then the group's intervals over users and seeds."""
-    from oppu.uncertainty import uncertainty_lines
     from oppu.replicates import parse_seeds, run_seeds
     from oppu.store import Store
+    from oppu.uncertainty import uncertainty_lines
 
     if args.run_id:
         return fail("run", ValueError("--run-id resumes one run and --seeds starts new ones: pass one of them"))
