@@ -297,8 +297,9 @@ def test_real_pipeline_job_survives_kill_9_and_resumes(tiny_model_dir, tiny_data
                     task_adaptation=False, user_train=TrainConfig(epochs=4, batch_size=1, max_length=64))
     root = tmp_path / "jobs"
     job_id = jobs.submit(cfg, root)
-    seen = _wait(lambda: (j := jobs.get_job(root, job_id))["stage"] == "train_user" and j, timeout=120,
-                 every=0.05)
+    # each user's stage is announced (step 0 of its total) before its first step: wait for a trained step
+    seen = _wait(lambda: (j := jobs.get_job(root, job_id))["stage"] == "train_user" and j["loss_history"] and j,
+                 timeout=120, every=0.05)
     assert seen["state"] == "running" and seen["stage"] == "train_user" and seen["loss_history"]
     os.kill(seen["pid"], signal.SIGKILL)
     _wait(lambda: _state(root, job_id) == "interrupted", timeout=5)
