@@ -56,8 +56,8 @@ ANALYSES: tuple[Analysis, ...] = (
 def analysis_frame(analysis: Analysis, task: str, scoring: str) -> tuple[pd.DataFrame, Any]:
     """The analysis table over comparable runs only (`oppu.analyses.comparable_runs`: runs that differ in the
     swept knob alone) and the `Comparison` saying which runs were used and why others were left out."""
-    from oppu.analyses import comparable_frame, comparable_runs
     from dashboard import state
+    from oppu.analyses import comparable_frame, comparable_runs
 
     runs = state.query("runs")
     if runs.empty:

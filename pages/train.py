@@ -7,9 +7,9 @@ last changed (a cancel, a failure, a finish), so they never stay on an older job
 
 from __future__ import annotations
 
-import streamlit as st
-
 import time
+
+import streamlit as st
 
 from dashboard import forms, jobs_view, state, widgets
 from oppu import jobs

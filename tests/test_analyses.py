@@ -1,8 +1,10 @@
 """Analyses are comparable by construction: only runs that differ in the swept knob alone are drawn, the figure
 says which runs it used and why others were left out, and activity bins never share a label."""
 
+# ruff: noqa: F811 - `env` is a fixture imported from test_pages and taken by name
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def test_activity_bins_never_split_one_history_size_and_have_distinct_labels():
     assert activity_bins(list(range(1, 9)), 4) == [(1, 2), (3, 4), (5, 6), (7, 8)]
     for sizes in ([1, 1, 2, 2, 3, 3, 4, 4, 100], [5] * 7, [1, 50, 50, 50, 51, 52, 90, 90]):
         bins = activity_bins(sizes, 4)
-        assert all(a[1] < b[0] for a, b in zip(bins, bins[1:]))  # disjoint, increasing
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(bins))  # disjoint, increasing
         assert all(any(lo <= s <= hi for lo, hi in bins) for s in sizes)  # every user has a bin
 
 

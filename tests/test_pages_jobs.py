@@ -2,6 +2,7 @@
 group with per-member labels and one cancel; the loss chart (one line per user and style, task adaptation
 named by its style, integer steps, drawn once); details that follow the job whose state changed; no stale banner."""
 
+# ruff: noqa: F811 - `env` is a fixture imported from test_pages and taken by name
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 notes are kept, a run is deleted with everything it produced after a confirmation, and any run copies as a CLI
 command that rebuilds its config."""
 
+# ruff: noqa: F811 - `env` is a fixture imported from test_pages and taken by name
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,11 +32,10 @@ def test_runs_table_has_a_column_per_differing_knob_only(env, tiny_task_data):
 
 
 def test_cli_command_rebuilds_the_same_config(env, tiny_task_data):
-    from oppu.commands.run import config_from_args, configure
-
     import argparse
     import shlex
 
+    from oppu.commands.run import config_from_args, configure
     from oppu.config import RunConfig
 
     cfg = RunConfig(task="LaMP_2M", users=3, methods=("none", "oppu"), tag="k sweep", task_adaptation=False,

@@ -26,17 +26,56 @@ from oppu.jobs.folder import (
     job_dir,
     new_job_id,
 )
-from oppu.jobs.lifecycle import STALE_S, cancel, get_job, list_jobs, logs, resolve_users, resume, retry, submit
-from oppu.jobs.progress import progress_event, summarize_progress
+from oppu.jobs.lifecycle import (
+    STALE_S,
+    cancel,
+    get_job,
+    list_jobs,
+    logs,
+    resolve_users,
+    resume,
+    retry,
+    submit,
+)
 from oppu.jobs.plan import Stage, plan_run
+from oppu.jobs.progress import progress_event, summarize_progress
 from oppu.jobs.ray_backend import run_ray_job, split_users
 from oppu.jobs.sweeps import cancel_sweep, group_sweeps, submit_sweep
 from oppu.jobs.worker import CANCEL_GRACE_S, HEARTBEAT_S, Runner, resolve_runner, run_worker
 
 __all__ = [
-    "BACKENDS", "CANCEL_GRACE_S", "DEFAULT_MAX_WORKERS", "DEFAULT_ROOT", "DEFAULT_RUNNER", "FINAL_STATES",
-    "HEARTBEAT_S", "RESUMABLE_STATES", "STALE_S", "STATES", "JobError", "Runner", "cancel", "check_job_id",
-    "get_job", "job_dir", "list_jobs", "logs", "new_job_id", "progress_event", "resolve_runner", "resolve_users",
-    "resume", "run_ray_job", "run_worker", "split_users", "submit", "summarize_progress", "Stage", "plan_run",
-    "cancel_sweep", "group_sweeps", "submit_sweep", "retry",
+    "BACKENDS",
+    "CANCEL_GRACE_S",
+    "DEFAULT_MAX_WORKERS",
+    "DEFAULT_ROOT",
+    "DEFAULT_RUNNER",
+    "FINAL_STATES",
+    "HEARTBEAT_S",
+    "RESUMABLE_STATES",
+    "STALE_S",
+    "STATES",
+    "JobError",
+    "Runner",
+    "Stage",
+    "cancel",
+    "cancel_sweep",
+    "check_job_id",
+    "get_job",
+    "group_sweeps",
+    "job_dir",
+    "list_jobs",
+    "logs",
+    "new_job_id",
+    "plan_run",
+    "progress_event",
+    "resolve_runner",
+    "resolve_users",
+    "resume",
+    "retry",
+    "run_ray_job",
+    "run_worker",
+    "split_users",
+    "submit",
+    "submit_sweep",
+    "summarize_progress",
 ]

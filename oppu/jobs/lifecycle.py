@@ -28,7 +28,6 @@ from oppu.jobs.folder import (
     DEFAULT_MAX_WORKERS,
     DEFAULT_ROOT,
     JOB_ID_RE,
-    RESUMABLE_STATES,
     RUNNER_RE,
     JobError,
     elapsed,

@@ -298,9 +298,9 @@ def train_users(ml: MultiLora, tokenizer, task, users: Sequence[Any], style, pef
     if progress is not None:
         saved = checkpoint.load_any() if checkpoint is not None else None
         at = int(saved["step"]) if saved is not None else 0
-        for key in batches:  # every user's total is known before its first step
+        for key, user_batches in batches.items():  # every user's total is known before its first step
             done = own_steps[key][min(at, len(own_steps[key])) - 1] if at and own_steps[key] else 0
-            progress(stage(key), done, len(batches[key]), None)
+            progress(stage(key), done, len(user_batches), None)
 
     def report(step: int, total: int, losses: dict[str, float]) -> None:
         # Each user's own step of its own total, as the per-user loop reports it (users differ in batch counts).
