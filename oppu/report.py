@@ -269,6 +269,45 @@ def users_to_run(runs: Sequence[PlannedRun], seeds: Sequence[int]) -> int:
     return total
 
 
+def estimate(runs: Sequence[PlannedRun], seeds: Sequence[int], unit_s: Mapping[str, float] | None = None
+             ) -> dict[str, Any]:
+    """What the report will compute, in `oppu.jobs.plan` units (task-adaptation steps, per-user training steps,
+    answered rows) and seconds at `unit_s` per unit (default `oppu.jobs.plan.DEFAULT_UNIT_S`). A task adaptation
+    is counted once per task, style and settings (its cache serves every later run and seed); runs reused from
+    another section are not counted."""
+    from oppu.data import load_task_data
+    from oppu.jobs.plan import estimate_s, plan_run, plan_units
+
+    data: dict[tuple[str, str], Any] = {}
+    adapted: set[str] = set()
+    seen: dict[str, set[str]] = {}
+    stages = []
+    for run in runs:
+        key = _reuse_key(run.cfg)
+        if key in seen and set(run.cfg.methods) <= seen[key]:
+            continue
+        seen[key] = set(run.cfg.methods)
+        where = (run.cfg.data_dir, run.task)
+        if where not in data:
+            data[where] = load_task_data(*where)
+        for stage in plan_run(run.cfg, data[where]):
+            if stage.kind == "adapt":
+                cache = f"{stage.key}|{json.dumps(dataclass_dict(run.cfg.adaptation_train), sort_keys=True)}"
+                if cache in adapted:
+                    continue
+                adapted.add(cache)
+                stages.append(stage)
+            else:
+                stages += [stage] * len(seeds)
+    return {"units": plan_units(stages), "seconds": estimate_s(stages, unit_s)}
+
+
+def dataclass_dict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
 # -- gather ------------------------------------------------------------------------------------------------------
 def _cells(store, executed: Sequence[ExecutedRun]):
     """Per-user score cells of the executed runs, each row tagged with its run's section and label."""
@@ -486,6 +525,13 @@ def build_report(preset_name: str, out: str | os.PathLike[str], overrides: Mappi
     log(f"report {preset_name}: {len(runs)} runs x {len(preset.seeds)} seed(s), "
         f"{users_to_run(runs, preset.seeds)} user trainings")
     log(TUNING_STATEMENT)
+    try:
+        guess = estimate(runs, preset.seeds)
+        log(f"estimate: about {guess['seconds'] / 60:.0f} min at oppu.jobs.plan's default per-unit costs "
+            f"({guess['units']['adapt']} adaptation steps, {guess['units']['user']} user steps, "
+            f"{guess['units']['generate']} answers); the bar below times the real ones")
+    except Exception as exc:  # noqa: BLE001 - an estimate only
+        log(f"(no estimate: {exc})")
     for note in notes:
         log(f"note: {note}")
     start = time.perf_counter()

@@ -70,6 +70,7 @@ def test_report_command_dry_run_and_bad_preset(overrides, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "user trainings" in out and "k=2" in out and "note: " in out
+    assert re.search(r"estimate: \d+ task-adaptation steps, \d+ user-training steps, \d+ answers", out)
     with pytest.raises(SystemExit):
         main(["report", "--preset", "huge"])
 

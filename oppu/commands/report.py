@@ -37,7 +37,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from oppu.commands.run import fail, usage_errors
-    from oppu.report import ReportError, build_report, get_preset, plan, users_to_run
+    from oppu.report import ReportError, build_report, estimate, get_preset, plan, users_to_run
 
     overrides = overrides_from_args(args)
     try:
@@ -58,6 +58,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {r.section:16s} {r.task:8s} {r.label:20s} {','.join(r.cfg.methods)}  users={r.cfg.users}")
         for note in notes:
             print(f"  note: {note}")
+        try:
+            guess = estimate(runs, preset.seeds)
+        except Exception as exc:  # noqa: BLE001 - an estimate only; the plan above stands without it
+            print(f"  (no estimate: {exc})")
+        else:
+            units = guess["units"]
+            print(f"  estimate: {units['adapt']} task-adaptation steps, {units['user']} user-training steps, "
+                  f"{units['generate']} answers; about {guess['seconds'] / 60:.0f} min at the default per-unit "
+                  "costs of oppu.jobs.plan (a CPU step of the embedded 135M model)")
         return 0
     command = "oppu report " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["report"] \
         else "oppu report --preset " + args.preset + " --out " + shlex.quote(args.out)
