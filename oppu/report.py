@@ -352,10 +352,8 @@ def section_frame(cells, section: str, by: str):
         return part
     if by == "bin":
         part = with_activity_bins(part)
-        frame = grouped_intervals(part, "bin")
-        users = part.groupby(["run_id", "user_id", "bin"], as_index=False)["history_size"].max()
-        span = users.groupby("bin")["history_size"].agg(history_min="min", history_max="max").reset_index()
-        return frame.merge(span, on="bin")
+        span = part.drop_duplicates("bin")[["bin", "history_min", "history_max"]]
+        return grouped_intervals(part, "bin").merge(span, on="bin")
     return grouped_intervals(part, by)
 
 

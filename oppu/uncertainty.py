@@ -131,17 +131,21 @@ def difference_line(d: dict[str, Any]) -> str:
 
 
 def with_activity_bins(cells, bins: int = 4):
-    """`Store.analysis_cells` with `bin` added: users (per run) in `bins` equal-count bins by history size, as
-    `Store.activity_curve` bins them (SQL `ntile` over history size, run id, user id)."""
-    import numpy as np
+    """`Store.analysis_cells` with `bin` and its `history_min`/`history_max`: users (per run) in up to `bins`
+    bins of about equally many users by history size, never splitting one size (`oppu.analyses.activity_bins`,
+    the bins of the Analyses page's Fig. 3)."""
+    from oppu.analyses import activity_bins
 
-    users = (cells.groupby(["run_id", "user_id"], sort=False)["history_size"].max().reset_index()
-             .sort_values(["history_size", "run_id", "user_id"], kind="stable", ignore_index=True))
-    n, b = len(users), max(1, min(int(bins), len(users) or 1))
-    # ntile: the first n % b bins hold one row more than the others
-    sizes = [n // b + (1 if i < n % b else 0) for i in range(b)]
-    users["bin"] = np.repeat(np.arange(1, b + 1), sizes)
-    return cells.merge(users[["run_id", "user_id", "bin"]], on=["run_id", "user_id"], how="left")
+    if cells.empty:
+        return cells.assign(bin=[], history_min=[], history_max=[])
+    ranges = activity_bins(cells.groupby(["run_id", "user_id"])["history_size"].max().tolist(), bins)
+
+    def which(size: int) -> int:
+        return next(i for i, (lo, hi) in enumerate(ranges, start=1) if lo <= size <= hi)
+
+    binned = cells.assign(bin=cells["history_size"].astype(int).map(which))
+    return binned.assign(history_min=binned["bin"].map(lambda b: ranges[b - 1][0]),
+                         history_max=binned["bin"].map(lambda b: ranges[b - 1][1]))
 
 
 def grouped_intervals(cells, by: str, n_boot: int = N_BOOT, seed: int = 0, ci: float = 0.95):

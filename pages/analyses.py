@@ -10,26 +10,30 @@ import streamlit as st
 from dashboard import analyses_view, state, widgets
 from oppu.metrics import row_score_name
 
-# The column each analysis's store query varies, as `Store.analysis_scores` names it.
+# The column each analysis's store query varies, as `Store.analysis_cells` names it.
 VARIED = {"activity_curve": "bin", "k_sweep": "k", "peft_comparison": "peft", "behaviour_shift": "history_cutoff",
           "history_format": "history_format"}
-
-
+# Bootstrap resamples behind the figures' error bars (`oppu results` uses 2000): enough for a bar's ends.
 FIGURE_BOOT = 1000
-"""Bootstrap resamples behind the figures' error bars (`oppu results` uses 2000): enough for a bar's ends."""
 
 
-def with_intervals(frame, query: str, task: str, scoring: str):
-    """The analysis frame with ci_low, ci_high, n_users and n_queries per (setting, method)."""
-    from oppu.uncertainty import grouped_intervals, with_activity_bins
+def with_intervals(frame, used, query: str, task: str, scoring: str):
+    """The analysis frame with ci_low, ci_high, n_users and n_queries per (setting, method), from the same
+    runs (`used.run_ids`, the comparable ones) and the same activity bins as its points."""
+    from oppu.uncertainty import grouped_intervals
 
     by = VARIED[query]
     cells = state.query("analysis_cells", task, scoring)
-    if cells.empty:
+    if cells.empty or frame.empty:
         return frame
+    cells = cells[cells["run_id"].isin(used.run_ids) & cells["method"].isin(set(frame["method"]))]
     if by == "bin":
-        cells = with_activity_bins(cells)
-    found = grouped_intervals(cells[cells["method"].isin(set(frame["method"]))], by, n_boot=FIGURE_BOOT)
+        ranges = frame.drop_duplicates("bin")[["bin", "history_min", "history_max"]].itertuples(index=False)
+        ranges = list(ranges)
+        cells = cells.assign(bin=cells["history_size"].astype(int).map(
+            lambda size: next((b for b, lo, hi in ranges if lo <= size <= hi), None)))
+    cells = cells.assign(history_cutoff=cells["history_cutoff"].fillna("").astype(str))
+    found = grouped_intervals(cells.dropna(subset=[by]), by, n_boot=FIGURE_BOOT)
     found[by] = found[by].astype(frame[by].dtype)
     return frame.merge(found[[by, "method", "ci_low", "ci_high", "n_users", "n_queries"]], on=[by, "method"],
                        how="left")
@@ -47,7 +51,7 @@ for tab, analysis in zip(tabs, analyses_view.ANALYSES):
         frame, used = analyses_view.analysis_frame(analysis, task, scoring)  # comparable runs only
         if analyses_view.sweep_panel(analysis, task, frame):  # a sweep under way, or the launcher of a missing one
             continue
-        frame = with_intervals(frame, analysis.query, task, scoring)
+        frame = with_intervals(frame, used, analysis.query, task, scoring)
         fig = analysis.chart(frame, metric, lower)
         st.plotly_chart(fig, width="stretch", key=f"chart-{analysis.sweep}")
         widgets.download_chart(fig, frame, f"{task}-{analysis.sweep}")

@@ -48,7 +48,9 @@ def test_grouped_intervals_from_cells_agree_with_the_bootstrap_over_rows(runs):
         assert found.loc[m, "n_runs"] == len(runs)
 
 
-def test_activity_bins_match_the_stores(tmp_path):
+def test_activity_bins_match_the_analyses_page(tmp_path):
+    from oppu.analyses import Comparison, comparable_frame
+
     store = Store(tmp_path / "s.duckdb")
     store.create_run("r", {"task": "LaMP_2M"}, "LaMP_2M", "m", "f", "v")
     rows = [{"run_id": "r", "task": "LaMP_2M", "user_id": f"u{u}", "query_id": f"q{u}-{q}", "method": "none",
@@ -56,14 +58,17 @@ def test_activity_bins_match_the_stores(tmp_path):
              "gold": "comedy" if (u + q) % 3 else "war", "retrieved_ids": [], "retrieved_scores": [],
              "history_size": 3 + (u * 7) % 11} for u in range(10) for q in range(3)]
     store.add_predictions(rows)
-    curve = store.activity_curve("LaMP_2M", bins=4)
-    binned = with_activity_bins(store.analysis_cells("LaMP_2M"), 4)
+    cells = store.analysis_cells("LaMP_2M")
+    points = comparable_frame("activity", cells, Comparison("activity", ("r",), {"r": ""}, {}))
+    binned = with_activity_bins(cells, 4)
     found = grouped_intervals(binned, "bin", n_boot=200)
-    merged = curve.merge(found, on=["bin", "method"], suffixes=("", "_ci"))
-    assert len(merged) == len(curve) == 4
+    merged = points.merge(found, on=["bin", "method"], suffixes=("", "_ci"))
+    assert len(merged) == len(points) >= 3
     assert np.allclose(merged["score"], merged["score_ci"])
     assert list(merged["users"]) == list(merged["n_users"]) and list(merged["n"]) == list(merged["n_queries"])
     assert (merged["ci_low"] <= merged["score"]).all() and (merged["score"] <= merged["ci_high"]).all()
+    spans = binned.drop_duplicates("bin").set_index("bin")[["history_min", "history_max"]]
+    assert spans.to_dict("index") == points.set_index("bin")[["history_min", "history_max"]].to_dict("index")
 
 
 def test_runs_that_repeat_a_seed_are_resampled_as_runs():
