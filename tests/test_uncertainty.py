@@ -14,6 +14,7 @@ from oppu.store import Store
 from oppu.uncertainty import (
     as_replicates,
     difference_line,
+    format_lines,
     grouped_intervals,
     key_differences,
     summarize,
@@ -119,3 +120,14 @@ def test_interval_difference_and_outcome_tables():
     assert tables.query_outcomes(errors, "oppu", "rag", lower_is_better=True).to_dict() == {
         "q1": "a", "q2": "tie", "q3": "b"}
     assert tables.query_outcomes(preds, "oppu", "pag").empty
+
+
+def test_a_rating_task_compares_absolute_errors_lower_better():
+    rows = _rows(n_users=8, n_queries=3).assign(task="LaMP_3")
+    rows.loc[rows["method"] == "oppu", "score"] = 0.0  # no error at all
+    rows.loc[rows["method"] == "none", "score"] = 2.0
+    result = summarize(rows)
+    assert result["lower_is_better"] and result["metric"] == "absolute error"
+    (d,) = result["differences"]
+    assert d["diff"] == -2.0 and d["wins"] == 24 and d["losses"] == 0
+    assert "lower is better" in "\n".join(format_lines(result))
