@@ -38,7 +38,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr", type=float, help="learning rate of per-user training")
     add("--model", help="embedded:SmolLM2-135M-Instruct (default), a hub id or a local model folder")
     add("--device", help="auto, cpu or cuda")
-    add("--dtype", help="auto (float32 on a CPU, bfloat16 on a GPU), float32, bfloat16 or float16")
+    add("--dtype", help="auto (bfloat16 on a GPU, and on a CPU whose measured bf16 speed pays: see oppu prepare; "
+                        "else float32), float32, bfloat16 or float16")
     add("--data", help="data folder holding <task id>/ in the OPPU layout (default data/demo)")
     add("--db", help="results store (default runs/oppu.duckdb)")
     add("--artifacts", help="adapters and caches (default runs/artifacts)")
