@@ -1,5 +1,6 @@
 """`oppu serve`: an OpenAI-compatible HTTP server for every personal adapter of an artifacts folder (core:
-`oppu.serve`). Binds 127.0.0.1 unless told otherwise; `--api-keys` limits each key to its own users' models."""
+`oppu.serve`). Binds 127.0.0.1 unless told otherwise; `--api-keys` limits each key to its own users' models;
+`--ray` runs the same app as a Ray Serve application (`oppu.serve.ray_app`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--max-prompt-tokens", type=int, default=_DEFAULTS.max_prompt_tokens,
         help="longer prompts are refused with a 400")
     add("--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens, help="largest max_tokens a request may ask")
+    add("--ray", action="store_true", help="serve as a Ray Serve application: --replicas copies of the model, "
+                                           "each request routed to a replica holding its user's adapter")
+    add("--replicas", type=int, default=1, help="with --ray: model replicas (one GPU each with --device cuda)")
+    add("--ray-address", default=None, help="with --ray: a running cluster to join (default: start a local one)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServeConfig(artifacts=args.artifacts, model=args.model, device=args.device, dtype=args.dtype,
                       max_batch=args.max_batch, max_adapters=args.max_adapters,
                       max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    if args.ray:
+        from oppu.serve.ray_app import RayOptions, serve_forever
+
+        options = RayOptions(replicas=args.replicas, replica_gpus=1.0 if args.device == "cuda" else 0.0)
+        serve_forever(cfg, keys.keys, options, host=args.host, port=args.port, address=args.ray_address)
+        return 0
     service = Service(cfg)
     served = service.registry.models()
     print(f"OPPU serving {len(served)} models ({sum(m.kind == 'user' for m in served)} personal) on "
