@@ -239,7 +239,12 @@ def start(cfg: ServeConfig, keys: dict[str, list[str]] | None = None, options: R
 
 def serve_forever(cfg: ServeConfig, keys: dict[str, list[str]] | None, options: RayOptions, *, host: str,
                   port: int, address: str | None = None) -> None:
-    """`oppu serve --ray`: start, print where, block until Ctrl+C, then shut the application down."""
+    """`oppu serve --ray`: start, print where, block until Ctrl+C (or SIGTERM), then shut the application
+    down (and the local cluster this process started)."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     start(cfg, keys, options, host=host, port=port, address=address)
     print(f"OPPU serving on Ray ({options.replicas} replica{'s' if options.replicas > 1 else ''}) on "
           f"http://{host}:{port}/v1{'  (API keys on)' if keys else ''}  (Ctrl+C stops it)", flush=True)
@@ -249,4 +254,7 @@ def serve_forever(cfg: ServeConfig, keys: dict[str, list[str]] | None, options: 
     except KeyboardInterrupt:
         pass
     finally:
+        import ray
+
         serve.shutdown()
+        ray.shutdown()
