@@ -189,3 +189,11 @@ def _tiny_adaptation(config_from_args):
         return cfg.replace(adaptation_train=cfg.adaptation_train.__class__(
             epochs=1, lr=1e-2, batch_size=8, max_length=128, max_examples=8))
     return build
+
+
+def test_run_seeds_refuses_bad_seeds_and_a_resume(tmp_path, capsys):
+    base = ["run", "--task", "LaMP_2M", "--db", str(tmp_path / "r.duckdb"), "--quiet"]
+    assert main([*base, "--seeds", "0,0"]) == 2
+    assert "seed 0 is repeated" in capsys.readouterr().err
+    assert main([*base, "--seeds", "0,1", "--run-id", "some-run"]) == 2
+    assert "--run-id resumes one run" in capsys.readouterr().err
