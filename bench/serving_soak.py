@@ -155,6 +155,8 @@ class SoakResult:
     statuses: Counter = field(default_factory=Counter)
     wrong: list[tuple[str, str, str, str]] = field(default_factory=list)
     """(model, prompt, expected, got) of every answer that is not its own reference."""
+    cross_user: int = 0
+    """Of `wrong`, the answers equal to another model's reference for the same prompt (and not to their own)."""
     failures: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)
@@ -175,6 +177,13 @@ class SoakResult:
         late = [b for t, b in self.rss if t >= self.seconds * 0.85] or [self.rss[-1][1]]
         start, end = statistics.median(early) / 2**20, statistics.median(late) / 2**20
         return start, end, end - start
+
+    def rss_trajectory(self, points: int = 10) -> list[int]:
+        """RSS in MB at `points` evenly spaced moments of the run (is it still growing or has it settled?)."""
+        if not self.rss:
+            return []
+        return [round(min(self.rss, key=lambda s: abs(s[0] - self.seconds * (i + 1) / points))[1] / 2**20)
+                for i in range(points)]
 
     def problems(self) -> list[str]:
         out = []
@@ -197,7 +206,8 @@ class SoakResult:
         return {"clients": self.clients, "seconds": round(self.seconds), "requests": self.requests,
                 "req/s": round(self.requests / self.seconds, 2),
                 "5xx": self.server_errors, "other non-200": sum(n for s, n in self.statuses.items() if s != 200)
-                - self.server_errors, "failed": len(self.failures), "cross-user or wrong": len(self.wrong),
+                - self.server_errors, "failed": len(self.failures), "not own reference": len(self.wrong),
+                "of which another model's": self.cross_user,
                 "p50 s": round(lat[len(lat) // 2], 3), "p95 s": round(lat[int(0.95 * (len(lat) - 1))], 3),
                 "RSS after warm-up MB": round(start), "RSS at end MB": round(end), "growth MB": round(growth, 1)}
 
@@ -231,6 +241,8 @@ def run_load(url: str, pid: int, refs: dict[tuple[str, str], str], clients: int,
                 result.latencies.append(time.monotonic() - began)
                 if status == 200 and text != refs[(model, prompt)]:
                     result.wrong.append((model, prompt, refs[(model, prompt)], text))
+                    result.cross_user += any(text == answer for (m, p), answer in refs.items()
+                                             if p == prompt and m != model)
             n += 1
 
     def sample() -> None:
@@ -264,20 +276,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=8, help="personal adapters (one model each)")
     parser.add_argument("--prompts", type=int, default=3, help="prompts per user")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--dtype", default="auto", help="the server's dtype (auto, float32, bfloat16)")
+    parser.add_argument("--lora-scale", type=float, default=0.08,
+                        help="std of the random LoRA factors: large enough that users' answers differ")
     args = parser.parse_args(argv)
 
-    from bench.common import load_default_model, machine_info
-    from bench.serving import RUN_ID, prompts_for, write_adapters
+    from safetensors.torch import save_file
+
+    from bench.common import load_default_model, machine_info, random_lora_state
+    from bench.serving import RUN_ID, TASK, prompts_for, write_adapters
     from oppu.config import EMBEDDED_MODEL
+    from oppu.paths import user_adapter_dir
 
     model, _ = load_default_model()
     with tempfile.TemporaryDirectory() as tmp:
         users = write_adapters(Path(tmp), model, EMBEDDED_MODEL, args.users)
+        for i, user in enumerate(users):  # stronger than bench.serving's: a mix-up of users must change answers
+            folder = user_adapter_dir(Path(tmp) / "adapters", TASK, RUN_ID, user) / "plain"
+            save_file(random_lora_state(model, 8, seed=i + 1, targets=("q_proj", "v_proj"), scale=args.lora_scale),
+                      str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
         del model
         prompts = [p for per_user in prompts_for(args.users, args.prompts) for p in per_user][: args.prompts * 2]
         jobs = [(f"{RUN_ID}/{u}", p) for u in users for p in prompts]
         log = open(Path(tmp) / "serve.log", "w")  # noqa: SIM115 - closed with the folder
-        proc, url = start_server(["--artifacts", tmp, "--max-batch", str(args.clients),
+        proc, url = start_server(["--artifacts", tmp, "--dtype", args.dtype, "--max-batch", str(args.clients),
                                   "--max-adapters", str(args.users)], log=log)
         try:
             began = time.monotonic()
@@ -293,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB, cuda={info['cuda']}; "
           f"{args.users} users x {len(prompts)} prompts, {args.max_tokens} new tokens, half the requests streamed\n")
     print(markdown(result.summary()))
+    print(f"\nserver RSS (MB) at each tenth of the run: {result.rss_trajectory()}")
     problems = result.problems()
     print("\n" + ("\n".join(f"FAILED: {p}" for p in problems) if problems else "PASSED: no 5xx, no failed request, "
           "every answer its own model's single-user reference, memory flat after warm-up"))
