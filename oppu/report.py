@@ -525,7 +525,7 @@ def build_report(preset_name: str, out: str | os.PathLike[str], overrides: Mappi
     log(TUNING_STATEMENT)
     try:
         guess = estimate(runs, preset.seeds)
-        log(f"estimate: about {guess['seconds'] / 60:.0f} min at oppu.jobs.plan's default per-unit costs "
+        log(f"estimate: about {guess['seconds'] / 60:.0f} min at oppu.jobs.plan's untuned default per-unit costs "
             f"({guess['units']['adapt']} adaptation steps, {guess['units']['user']} user steps, "
             f"{guess['units']['generate']} answers); the bar below times the real ones")
     except Exception as exc:  # noqa: BLE001 - an estimate only

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             units = guess["units"]
             print(f"  estimate: {units['adapt']} task-adaptation steps, {units['user']} user-training steps, "
-                  f"{units['generate']} answers; about {guess['seconds'] / 60:.0f} min at the default per-unit "
+                  f"{units['generate']} answers; about {guess['seconds'] / 60:.0f} min at the untuned default per-unit "
                   "costs of oppu.jobs.plan (a CPU step of the embedded 135M model)")
         return 0
     command = "oppu report " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["report"] \
