@@ -12,6 +12,8 @@ free loopback port, asks every (model, prompt) pair once, alone, for its greedy 
 - memory flat after warm-up: the server's RSS (sampled from /proc every half second) grows by less than
   `MAX_GROWTH_MB` between the end of the warm-up and the end of the run.
 
+In bfloat16 (`--dtype auto` on a CPU with AMX) a row's logits depend on the rows it is batched with, so some greedy
+answers drift from their single-row reference without any mix-up; `--dtype float32` makes the check exact.
 The load stops by itself at the deadline (each request also has a timeout). `tests/reliability/test_serving_load.py`
 runs the same driver for a few seconds on the tiny test model.
 """
