@@ -49,6 +49,7 @@ def models_of(run_id) -> list[str]:
     return [*(f"{run_id}/{u}{s}" for u in ("alice", "bob", "carol") for s in ("", "@rag")), "LaMP_2M", "base"]
 
 
+@pytest.mark.slow  # a server start, the references and the load: ~30 s
 def test_many_clients_get_their_own_answers_without_5xx_or_memory_growth(run, tiny_model_dir):
     _, run_id = run
     proc, url = start_server(serve_args(run, tiny_model_dir))
