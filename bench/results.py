@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import textwrap
 import time
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def summarize(store, run_id: str, task: str, methods, command: str, wall: float)
 def store_score_name(task: str) -> str:
     from oppu.metrics import row_score_name
 
-    return row_score_name(task, "official")
+    name, lower_is_better = row_score_name(task, "official")
+    return f"{name} ({'lower' if lower_is_better else 'higher'} is better)"
 
 
 def render(results: list[dict], machine: dict, started: str) -> str:
@@ -130,7 +132,8 @@ def render(results: list[dict], machine: dict, started: str) -> str:
         "interval over users (their queries resampled with them, `oppu.stats`); paired differences compare two "
         "methods on the same queries, with a user-level sign-flip permutation p-value. With "
         f"{cfg.users} users and a handful of queries each, the intervals are wide: read a direction, not a "
-        "finding."
+        "finding. Wall times include whatever else shared the CPU: they are not benchmarks (docs/PERFORMANCE.md "
+        "has those)."
     )
     machine_line = (
         f"Machine: {machine['cpu']} ({machine['cores']} cores; flags: {', '.join(cpu_flags()) or 'none of note'}), "
@@ -145,10 +148,12 @@ def render(results: list[dict], machine: dict, started: str) -> str:
         f"({cfg.user_train.epochs} epochs, batch {cfg.user_train.batch_size}, lr {cfg.user_train.lr:g}); BM25 "
         f"k={cfg.retrieval.k}; cutoff {cfg.user_train.max_length} tokens."
     )
-    lines = ["# Results on the demo data", "", intro, "", machine_line, "", sizes, ""]
+    lines = ["# Results on the demo data", ""]
+    for paragraph in (intro, machine_line, sizes):
+        lines += [textwrap.fill(paragraph, width=116, break_on_hyphens=False), ""]
     for result in results:
         lines += [f"## {result['task']}", "", markdown_table(result["rows"]), "",
-                  f"Per-query score: `{result['score']}`.", ""]
+                  f"Per-query score: {result['score']}.", ""]
         lines += [f"- {d}" for d in result["differences"]]
         footer = (f"`{result['command']}` — run `{result['run_id']}`, {result['wall_s']:.0f} s wall "
                   "(task adaptation included unless cached).")
