@@ -31,7 +31,11 @@ CATEGORIES: dict[str, tuple[str, str]] = {
                                                                   "loopback binding, secrets and home paths")),
     "test_crashes": ("crashes & full disk", "kill -9 in adaptation / training / generation, ENOSPC"),
     "test_concurrency": ("concurrent writers", "writer processes and a polling reader on one store"),
+    "test_serving_load": ("serving", "concurrent clients against `oppu serve`, SIGKILL mid-stream"),
 }
+KEPT_SECTION = "## Serving under load"
+"""Sections from this heading on are written by `python -m bench.serving_soak` runs, not by this script: a
+rewrite keeps them."""
 
 
 def attack_sizes() -> dict[str, int]:
@@ -123,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pytest wrote no junit report (exit {rc}); nothing to tabulate", file=sys.stderr)
             return rc or 1
         text = render(tally(junit), attack_sizes(), rc, wall)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    old = out.read_text() if out.is_file() else ""
+    if KEPT_SECTION in old:
+        text += "\n" + old[old.index(KEPT_SECTION):]
+    out.write_text(text)
     print(text)
     return rc
 
