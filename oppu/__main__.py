@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("sweep", "run one of the paper's analyses (k, activity, peft, history-format, behaviour-shift)"),
     "results": ("results", "print stored metrics per run and method"),
     "report": ("report", "run the main table and the paper's analyses and write one HTML report"),
-    "adapters": ("adapters", "list, export or delete a user's personal adapter"),
+    "adapters": ("adapters", "list, export, import, update or delete a user's personal adapters"),
     "jobs": ("jobs", "submit, list, show, cancel, resume training jobs or show their logs"),
     "worker": ("worker", "run one job (started by `oppu jobs submit`; not for direct use)"),
     "dashboard": ("dashboard", "start the Streamlit dashboard (binds 127.0.0.1)"),
