@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from oppu.config import PAPER_METHODS, RunConfig, build_config, method_label
+from oppu.errors import OppuError
 
 ALL_TASKS = ("LaMP_1", "LaMP_2N", "LaMP_2M", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7")
 SECTIONS: dict[str, str] = {
@@ -83,7 +84,7 @@ REPORT_PRESETS: dict[str, ReportPreset] = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(OppuError, ValueError):
     """The report cannot be planned as asked; the message says what to change."""
 
 
