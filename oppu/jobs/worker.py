@@ -155,8 +155,11 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
         final = {"state": "cancelled" if asked else "interrupted",
                  "error": None if asked else f"interrupted: worker stopped by {err or 'an interrupt'}"}
     except BaseException as err:  # noqa: BLE001 - every failure must land in job.json, then the worker exits
-        final = {"state": "failed", "error": one_line_error(err), "traceback": traceback.format_exc()}
-        _log(f"failed: {final['error']}")
+        # A cancel that interrupts a library mid-call can surface as that library's own error (a load wrapped in
+        # ModelLoadError, say): once a cancel was asked, the job is cancelled (resumable), the error kept.
+        state = "cancelled" if (folder / "cancel").exists() else "failed"
+        final = {"state": state, "error": one_line_error(err), "traceback": traceback.format_exc()}
+        _log(f"{state}: {final['error']}")
         for cause in _causes(err)[1:]:
             _log(f"  caused by {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
         print("traceback:\n" + final["traceback"], file=sys.stderr)
