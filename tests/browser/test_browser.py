@@ -9,22 +9,12 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-import warnings
 from pathlib import Path
 
 import pytest
+from browser_support import ROOT, SHOTS, browser_marks, chromium, dashboard
 
-pytestmark = pytest.mark.browser
-
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-SHOTS = ROOT / "artifacts" / "screenshots"
 README_SHOTS = ROOT / "docs" / "screenshots"
 TASK = "LaMP_2M"
 METHODS = ("none", "rag", "oppu", "oppu+rag")
@@ -32,11 +22,7 @@ METHODS = ("none", "rag", "oppu", "oppu+rag")
 # figures have a recognisable shape. These are fixtures, not results.
 BASE_ACCURACY = {"none": 0.25, "rag": 0.45, "oppu": 0.4, "oppu+rag": 0.55}
 
-if not (CHROMIUM and CHROMEDRIVER):
-    REASON = ("BROWSER TESTS SKIPPED: chromium or chromedriver is not installed. Install Debian's `chromium` and "
-              "`chromium-driver` (`make system-deps`, as root) — CI does.")
-    warnings.warn(REASON, stacklevel=1)
-    pytestmark = [pytest.mark.browser, pytest.mark.skip(reason=REASON)]
+pytestmark = browser_marks()
 
 
 def _accuracy(method: str, history_size: int, k: int, peft: str, history_format: str, cutoff) -> float:
@@ -110,26 +96,6 @@ def fake_adapters(artifacts: Path, data_dir: Path) -> None:
                 "item_count": len(user.history), "final_loss": 0.42, "created": "2024-05-01T12:00:00Z"}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"streamlit did not answer at {url} within {timeout:.0f} s")
-
-
 @pytest.fixture(scope="module")
 def app_folders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
@@ -145,41 +111,14 @@ def app_url(app_folders):
            "OPPU_JOBS": str(tmp / "jobs"), "OPPU_ARTIFACTS": str(tmp / "artifacts"), "HF_HUB_OFFLINE": "1"}
     populate(tmp / "oppu.duckdb", data_dir)
     fake_adapters(tmp / "artifacts", data_dir)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
+    with dashboard(env) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1500", "--hide-scrollbars",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium(tmp_path_factory.mktemp("chromium-profile"), window="1400,1500") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _open(driver, url: str, heading: str, wait_for: tuple[str, ...] = (), timeout: float = 60):

@@ -7,36 +7,16 @@ Needs Debian's `chromium` and `chromium-driver` (`make system-deps`)."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-import warnings
-from pathlib import Path
 
 import pytest
+from browser_support import SHOTS, browser_marks, chromium, dashboard
 from test_serve_support import tiny_run
 
-pytestmark = pytest.mark.browser
-ROOT = Path(__file__).resolve().parents[2]
-SHOTS = ROOT / "artifacts" / "screenshots"
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-if not (CHROMIUM and CHROMEDRIVER):
-    REASON = ("BROWSER TESTS SKIPPED: chromium or chromedriver is not installed. Install Debian's `chromium` and "
-              "`chromium-driver` (`make system-deps`, as root) — CI does.")
-    warnings.warn(REASON, stacklevel=1)
-    pytestmark = [pytest.mark.browser, pytest.mark.skip(reason=REASON)]
+pytestmark = browser_marks()
 
 LABELS = ["Non-personalized", "RAG", "OPPU", "OPPU+RAG"]
 QUERY = "Which tag does this movie relate to? space ship love city dragon war"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,52 +25,14 @@ def app_url(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     cfg, run_id = tiny_run(tiny_model_dir, tiny_data_dir, root, users=1)
     env = {**os.environ, "OPPU_DATA": str(tiny_data_dir), "OPPU_DB": cfg.db, "OPPU_ARTIFACTS": cfg.artifacts_dir,
            "OPPU_JOBS": str(root / "jobs"), "OPPU_MODEL": str(tiny_model_dir), "HF_HUB_OFFLINE": "1"}
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"streamlit did not answer at {url} within 90 s") from None
-                time.sleep(0.5)
+    with dashboard(env) as url:
         yield url, run_id
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1400", "--hide-scrollbars",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _idle(driver, timeout: float = 90) -> None:

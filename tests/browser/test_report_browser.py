@@ -6,20 +6,11 @@ Needs Debian's `chromium` and `chromium-driver` (`make system-deps`)."""
 from __future__ import annotations
 
 import re
-import shutil
-import warnings
-from pathlib import Path
 
 import pytest
+from browser_support import SHOTS, browser_marks, chromium
 
-pytestmark = pytest.mark.browser
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-if not (CHROMIUM and CHROMEDRIVER):
-    REASON = ("BROWSER TESTS SKIPPED: chromium or chromedriver is not installed. Install Debian's `chromium` and "
-              "`chromium-driver` (`make system-deps`, as root) — CI does.")
-    warnings.warn(REASON, stacklevel=1)
-    pytestmark = [pytest.mark.browser, pytest.mark.skip(reason=REASON)]
+pytestmark = browser_marks()
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +32,10 @@ def report_file(tmp_path_factory, tiny_model_dir, tiny_data_dir):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
     # --proxy-server to nowhere: the report must render with no network at all
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--window-size=1300,1400",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium(tmp_path_factory.mktemp("chromium-profile"), window="1300,1400", browser_log=True,
+                  extra_flags=("--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>")) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_every_figure_of_the_report_renders_offline(report_file, browser):
@@ -84,6 +61,6 @@ def test_every_figure_of_the_report_renders_offline(report_file, browser):
         assert browser.find_element(By.ID, section).is_displayed()
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
-    shots = ROOT / "artifacts" / "screenshots"
+    shots = SHOTS
     shots.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(shots / "report.png"))
