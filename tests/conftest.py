@@ -122,3 +122,14 @@ def tiny_model(tiny_model_dir):
     from oppu.model import load_model
 
     return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch, tiny_data_dir):
+    """The dashboard's four folders in tmp (what `dashboard.state` reads); data is the tiny LaMP_2M fixture.
+    Test modules that need other folders define their own `env`."""
+    folders = {"OPPU_DATA": tiny_data_dir, "OPPU_DB": tmp_path / "oppu.duckdb", "OPPU_JOBS": tmp_path / "jobs",
+               "OPPU_ARTIFACTS": tmp_path / "artifacts"}
+    for name, value in folders.items():
+        monkeypatch.setenv(name, str(value))
+    return folders

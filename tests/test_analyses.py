@@ -1,14 +1,13 @@
 """Analyses are comparable by construction: only runs that differ in the swept knob alone are drawn, the figure
 says which runs it used and why others were left out, and activity bins never share a label."""
 
-# ruff: noqa: F811 - `env` is a fixture imported from test_pages and taken by name
 from __future__ import annotations
 
 import itertools
 from pathlib import Path
 
 import pytest
-from test_pages import env, page, plotly_charts, populate, texts, values  # noqa: F401 - env is a fixture
+from test_pages import page, plotly_charts, populate, texts, values
 
 from oppu.analyses import activity_bins, bin_label, comparable_runs
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from oppu.config import (METHODS, PAPER_METHODS, ConfigError, RunConfig, build_config, list_presets, load_preset,
-                         method_label)
+from oppu.config import (
+    METHODS,
+    PAPER_METHODS,
+    ConfigError,
+    RunConfig,
+    build_config,
+    list_presets,
+    load_preset,
+    method_label,
+)
 
 # The official values, read from github TamSiuhin/OPPU at its current head (task_LoRA.py: LoraConfig ~99-105 and
 # TrainingArguments ~107-122, argparse defaults ~17-24; OPPU.py: LoraConfig ~96-103, TrainingArguments ~105-121,

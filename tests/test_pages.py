@@ -22,16 +22,6 @@ LABELS = {m: method_label(m) for m in METHODS}  # what tables and legends show
 RUN_ID = "run-test-0001"
 
 
-@pytest.fixture()
-def env(tmp_path, monkeypatch, tiny_data_dir):
-    """The dashboard's four folders in tmp; data is the tiny LaMP_2M fixture."""
-    folders = {"OPPU_DATA": tiny_data_dir, "OPPU_DB": tmp_path / "oppu.duckdb", "OPPU_JOBS": tmp_path / "jobs",
-               "OPPU_ARTIFACTS": tmp_path / "artifacts"}
-    for name, value in folders.items():
-        monkeypatch.setenv(name, str(value))
-    return folders
-
-
 def answer(method: str, gold: str, j: int) -> str:
     """A deterministic answer per method: OPPU always right, RAG right on every other query, `none` never."""
     if method.startswith("oppu") or (method == "rag" and j % 2 == 0):

@@ -2,7 +2,6 @@
 group with per-member labels and one cancel; the loss chart (one line per user and style, task adaptation
 named by its style, integer steps, drawn once); details that follow the job whose state changed; no stale banner."""
 
-# ruff: noqa: F811 - `env` is a fixture imported from test_pages and taken by name
 from __future__ import annotations
 
 import os
@@ -10,7 +9,7 @@ import socket
 import time
 
 import pytest
-from test_pages import env, page, plotly_charts, texts  # noqa: F401 - env is a fixture
+from test_pages import page, plotly_charts, texts
 
 from oppu import jobs
 from oppu.config import RunConfig

@@ -12,16 +12,6 @@ from test_pages import LABELS, page, plotly_charts, populate, texts, values
 
 
 @pytest.fixture()
-def env(tmp_path, monkeypatch, tiny_data_dir):
-    """The dashboard's four folders in tmp (as in test_pages); data is the tiny LaMP_2M fixture."""
-    folders = {"OPPU_DATA": tiny_data_dir, "OPPU_DB": tmp_path / "oppu.duckdb", "OPPU_JOBS": tmp_path / "jobs",
-               "OPPU_ARTIFACTS": tmp_path / "artifacts"}
-    for name, value in folders.items():
-        monkeypatch.setenv(name, str(value))
-    return folders
-
-
-@pytest.fixture()
 def populated(env, tiny_task_data):
     populate(Path(env["OPPU_DB"]), tiny_task_data)
     return env

@@ -2,12 +2,11 @@
 notes are kept, a run is deleted with everything it produced after a confirmation, and any run copies as a CLI
 command that rebuilds its config."""
 
-# ruff: noqa: F811 - `env` is a fixture imported from test_pages and taken by name
 from __future__ import annotations
 
 from pathlib import Path
 
-from test_pages import env, page, populate, texts  # noqa: F401 - env is a fixture
+from test_pages import page, populate, texts
 
 from oppu import runs as core
 from oppu.store import Store

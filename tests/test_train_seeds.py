@@ -10,16 +10,6 @@ from dashboard import forms
 from oppu.config import RunConfig
 
 
-@pytest.fixture()
-def env(tmp_path, monkeypatch, tiny_data_dir):
-    """The dashboard's four folders in tmp (as in test_pages); data is the tiny LaMP_2M fixture."""
-    folders = {"OPPU_DATA": tiny_data_dir, "OPPU_DB": tmp_path / "oppu.duckdb", "OPPU_JOBS": tmp_path / "jobs",
-               "OPPU_ARTIFACTS": tmp_path / "artifacts"}
-    for name, value in folders.items():
-        monkeypatch.setenv(name, str(value))
-    return folders
-
-
 def test_train_configs_one_per_seed_in_one_group(env):
     (single,) = forms.train_configs("LaMP_2M", {"users": 2}, "")
     assert single.seed_group == "" and single.user_train.seed == RunConfig().user_train.seed
