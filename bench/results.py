@@ -1,6 +1,6 @@
 """Regenerate docs/RESULTS.md: the default run on every LaMP task of the demo data, one table per task.
 
-    python -m bench.results                 # all seven tasks, the default config (25-75 min a task on 2 cores)
+    python -m bench.results                 # all seven tasks, the default config (15-75 min a task on 2 cores)
     python -m bench.results --tasks LaMP_2M,LaMP_3 --users 2
 
 Each task runs exactly what `oppu run --task <task> --dtype float32` runs with the default config (plus `--users` when
@@ -163,7 +163,7 @@ def render(results: list[dict], machine: dict, started: str, missing: Sequence[s
                  "dashboard with `oppu dashboard --db runs/results/oppu.duckdb`.")
     if missing:
         lines += ["## Not run yet", "", textwrap.fill(
-            f"No finished default run of {', '.join(missing)} is in this file yet (each takes 25-75 minutes on this "
+            f"No finished default run of {', '.join(missing)} is in this file yet (each takes 15-75 minutes on this "
             "2-core CPU, most of it the two task adaptations): "
             f"`python -m bench.results --tasks {','.join(missing)}` adds them.", width=116), ""]
     lines += ["## Reproduce", "", "```", "make setup && .venv/bin/python -m oppu prepare",
