@@ -152,24 +152,13 @@ def base_linear(module):
 
 def _load_lora(folder: str | os.PathLike) -> tuple[dict[str, tuple[Any, Any]], float]:
     """{module name: (A [r, in], B [out, r])} and the scaling of a plain PEFT LoRA folder."""
-    from safetensors.torch import load_file
+    from oppu.multilora.model import read_lora_folder
 
-    folder = Path(folder)
-    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ValueError(f"{folder} is not a PEFT LoRA folder: it needs adapter_config.json and "
-                         "adapter_model.safetensors")
-    cfg = json.loads(config_path.read_text())
-    bad = [k for k, v in {"peft_type": cfg.get("peft_type") not in ("LORA", None), "use_dora": cfg.get("use_dora"),
-                          "fan_in_fan_out": cfg.get("fan_in_fan_out"), "rank_pattern": cfg.get("rank_pattern"),
-                          "alpha_pattern": cfg.get("alpha_pattern"),
-                          "bias": cfg.get("bias", "none") != "none"}.items() if v]
-    if bad:
-        raise ValueError(f"task adapter {folder} uses {bad}: a task-adapted base is a plain LoRA merge")
+    cfg, state = read_lora_folder(folder, "merges into a task-adapted base")
     r = int(cfg["r"])
     scaling = float(cfg["lora_alpha"]) / (math.sqrt(r) if cfg.get("use_rslora") else r)
     pairs: dict[str, dict[str, Any]] = {}
-    for key, tensor in load_file(str(weights_path)).items():
+    for key, tensor in state.items():
         match = _PEFT_KEY.match(key)
         if match is None:
             raise ValueError(f"unexpected key {key!r} in task adapter {folder}: only LoRA A/B weights merge")

@@ -179,24 +179,9 @@ class MultiLora:
 
     def load(self, name: str, folder: str | Path) -> int:
         """Load a standard PEFT LoRA adapter folder (what `PeftModel.save_pretrained` writes)."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-        if not config_path.is_file() or not weights_path.is_file():
-            raise MultiLoraError(f"{folder} is not a PEFT adapter folder: it needs adapter_config.json and "
-                                 "adapter_model.safetensors")
-        cfg = json.loads(config_path.read_text())
-        unsupported = {"peft_type": cfg.get("peft_type") not in ("LORA", None),
-                       "use_dora": bool(cfg.get("use_dora")), "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
-                       "rank_pattern": bool(cfg.get("rank_pattern")), "alpha_pattern": bool(cfg.get("alpha_pattern")),
-                       "bias": cfg.get("bias", "none") != "none"}
-        bad = [k for k, v in unsupported.items() if v]
-        if bad:
-            raise MultiLoraError(f"adapter {folder} uses {bad}: only plain LoRA (no DoRA, bias, per-module "
-                                 "rank/alpha patterns) can be batched; serve it with oppu.model.AdapterPool")
-        return self.load_state_dict(name, load_file(str(weights_path)), alpha=float(cfg["lora_alpha"]),
-                                    r=int(cfg["r"]), use_rslora=bool(cfg.get("use_rslora")))
+        cfg, state = read_lora_folder(folder, "can be batched; serve it with oppu.model.AdapterPool")
+        return self.load_state_dict(name, state, alpha=float(cfg["lora_alpha"]), r=int(cfg["r"]),
+                                    use_rslora=bool(cfg.get("use_rslora")))
 
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter as PEFT saves it: `base_model.model.<module>.lora_{A,B}.weight`, rank `self.r`."""
@@ -283,3 +268,25 @@ class MultiLora:
             setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer.base)
         self.layers = {}
         return self.model
+
+
+def read_lora_folder(folder: str | Path, only: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(adapter_config, state dict) of a plain PEFT LoRA folder; MultiLoraError for anything else. `only` ends the
+    refusal's message: what a plain LoRA is needed for here (batching, a task-adapted base merge)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise MultiLoraError(f"{folder} is not a PEFT adapter folder: it needs adapter_config.json and "
+                             "adapter_model.safetensors")
+    cfg = json.loads(config_path.read_text())
+    unsupported = {"peft_type": cfg.get("peft_type") not in ("LORA", None),
+                   "use_dora": bool(cfg.get("use_dora")), "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+                   "rank_pattern": bool(cfg.get("rank_pattern")), "alpha_pattern": bool(cfg.get("alpha_pattern")),
+                   "bias": cfg.get("bias", "none") != "none"}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise MultiLoraError(f"adapter {folder} uses {bad}: only plain LoRA (no DoRA, bias, per-module "
+                             f"rank/alpha patterns) {only}")
+    return cfg, load_file(str(weights_path))
