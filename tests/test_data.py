@@ -19,10 +19,7 @@ from oppu.data import (
     write_oppu,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "lamp"
-QUESTIONS = FIXTURES / "LaMP_2M_dev_questions.json"
-OUTPUTS = FIXTURES / "LaMP_2M_dev_outputs.json"
-OUTPUTS_BARE = FIXTURES / "LaMP_2M_dev_outputs_bare.json"
+OUTPUTS = Path(__file__).parent / "fixtures" / "lamp" / "LaMP_2M_dev_outputs.json"
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
