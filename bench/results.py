@@ -45,8 +45,8 @@ def _command(task: str, users: int | None) -> str:
 
 
 def run_task(task: str, users: int | None) -> dict:
-    """One default run of `task` (float32 on purpose: bf16 answers depend on the CPU's bf16 arithmetic, float32
-    answers reproduce on any x86 CPU); returns its summary."""
+    """One default run of `task` into the results store (float32 on purpose: bf16 answers depend on the CPU's bf16
+    arithmetic, float32 answers reproduce on any x86 CPU); returns its run id and wall time."""
     from oppu.config import build_config
     from oppu.experiment import run_experiment
     from oppu.store import Store
@@ -59,7 +59,7 @@ def run_task(task: str, users: int | None) -> dict:
     store = Store(cfg.db)
     start = time.perf_counter()
     run_id = run_experiment(cfg, store=store)
-    return summarize(store, run_id, task, cfg.methods, _command(task, users), time.perf_counter() - start)
+    return {"task": task, "run_id": run_id, "wall_s": time.perf_counter() - start}
 
 
 def stored_task(task: str) -> dict | None:
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     if not args.render_only:
         for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-            result = run_task(task, args.users)
-            print(json.dumps({k: result[k] for k in ("task", "run_id", "wall_s")}), flush=True)
+            print(json.dumps(run_task(task, args.users)), flush=True)
     # The file always shows every task's newest finished run in the store, so runs of a few tasks add to it.
     results, missing = [], []
     for task in TASKS:
