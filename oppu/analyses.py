@@ -134,13 +134,10 @@ class Comparison:
 
 
 def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=str)
-    return out
+    """Dotted keys (`oppu.runs.flatten`) with each value as canonical JSON, so lists and None compare as values."""
+    from oppu.runs import flatten
+
+    return {key: json.dumps(value, sort_keys=True, default=str) for key, value in flatten(config, prefix).items()}
 
 
 def comparable_runs(kind: str, runs: Iterable[Mapping[str, Any]]) -> Comparison:
