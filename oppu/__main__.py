@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "score predictions against golds exactly as the LaMP evaluation does"),
     "run": ("run", "run an experiment end to end and print its metric table"),
     "sweep": ("sweep", "run one of the paper's analyses (k, activity, peft, history-format, behaviour-shift)"),
+    "tune": ("tune", "choose settings on a validation split of the users' history (never on test queries)"),
     "results": ("results", "print stored metrics per run and method"),
     "report": ("report", "run the main table and the paper's analyses and write one HTML report"),
     "adapters": ("adapters", "list, export, import, update or delete a user's personal adapters"),

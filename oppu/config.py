@@ -223,6 +223,12 @@ class RunConfig:
     """`text_only` drops the label/score fields of retrieved items (the paper's history-format robustness)."""
     history_cutoff: str | None = None
     """Behaviour shift: only history items dated before this ISO date train the adapter and feed retrieval."""
+    split: Literal["test", "validation"] = "test"
+    """Which queries the run answers: `test`, the users' real queries; `validation`, each test user's
+    `validation_items` most recent usable history items, held out of their history (`oppu.splits`). Settings are
+    chosen on `validation` (`oppu tune`), never on `test`."""
+    validation_items: int = 4
+    """Items held out per test user by the validation split."""
     tag: str = ""
     """Free text grouping runs of one analysis (e.g. `k-sweep`)."""
     seed_group: str = ""
@@ -253,6 +259,8 @@ class RunConfig:
         else:
             _require(self.users is not None and self.users >= 1, "users must be >= 1 (or pass user_ids)")
         _require(self.history_format in ("full", "text_only"), "history_format: use full or text_only")
+        _require(self.split in ("test", "validation"), "split: use test or validation")
+        _require(self.validation_items >= 1, "validation_items must be >= 1")
         _require(self.batching in ("auto", "multi_lora", "per_user"),
                  "batching: use multi_lora or per_user, or auto")
 
@@ -305,18 +313,42 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
 
 
+def preset_file(name: str) -> Path:
+    """The file of a preset: one of oppu/presets by name, or a `.json` file by path (what `oppu tune` writes);
+    ConfigError names the known presets."""
+    if name in list_presets():
+        return PRESETS_DIR / f"{name}.json"
+    path = Path(name).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        return path
+    raise ConfigError(f"unknown preset {name!r}: use one of {', '.join(list_presets())}, or the path of a "
+                      ".json preset file (e.g. one written by oppu tune)")
+
+
+def _preset_json(name: str) -> dict[str, Any]:
+    path = preset_file(name)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"preset {name!r} is not readable JSON ({exc}): fix or rewrite the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name!r} is not a JSON object of config keys")
+    return data
+
+
 def load_preset(name: str) -> dict[str, Any]:
-    """A preset's partial config; ConfigError names the known presets."""
-    if name not in list_presets():
-        raise ConfigError(f"unknown preset {name!r}: use one of {', '.join(list_presets())}")
-    data = json.loads((PRESETS_DIR / f"{name}.json").read_text())
-    return {k: v for k, v in data.items() if not k.startswith("_")}
+    """A preset's partial config (keys starting with `_` are notes, not config)."""
+    return {k: v for k, v in _preset_json(name).items() if not k.startswith("_")}
 
 
 def preset_about(name: str) -> str:
     """The preset's one-paragraph description (its `_about` key)."""
-    load_preset(name)  # validates the name
-    return str(json.loads((PRESETS_DIR / f"{name}.json").read_text()).get("_about", ""))
+    return str(_preset_json(name).get("_about", ""))
+
+
+def preset_chosen_on(name: str) -> dict[str, Any] | None:
+    """How a tuned preset's values were chosen (its `_chosen_on` record, see `oppu.tuning`), or None."""
+    return _preset_json(name).get("_chosen_on")
 
 
 def merge_config(base: Mapping[str, Any], *layers: Mapping[str, Any]) -> dict[str, Any]:

@@ -173,13 +173,13 @@ def run_experiment(cfg: RunConfig, progress: Progress | None = None, should_stop
     Raises `oppu.data.DataError` / `UnknownUserError` / `UnknownTaskError` for bad inputs before any model loads.
     A `should_stop()` that turns True ends the run early with status `cancelled` (resume it with the same id).
     """
-    from oppu.data import load_task_data
     from oppu.model import model_key
+    from oppu.splits import run_data
     from oppu.store import Store
     from oppu.tasks import get_task
 
     task = get_task(cfg.task)
-    data = load_task_data(cfg.data_dir, task)
+    data = run_data(cfg, task)
     users = select_users(data, cfg)
     run_id = run_id or new_run_id(cfg)
     store = store if store is not None else Store(cfg.db)

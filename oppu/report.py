@@ -11,9 +11,9 @@ Sections: the main table (every paper row on each of the seven tasks), Fig. 3 (p
 LaMP_2M and LaMP_7), Fig. 4 (retrieved items k: OPPU+RAG against RAG), behaviour shift, history format and PEFT
 type. Tasks without a data folder are listed as skipped, never silently dropped.
 
-Nothing is tuned: every setting is the report preset's, fixed before any query is answered, and the report says
-so. (Were a setting ever chosen here, it would have to be chosen on a validation split of each test user's most
-recent history items, never on test queries.)
+Nothing is tuned on test queries. By default every setting is the report preset's, fixed before any query is
+answered; with `run_preset` a tuned preset file (`oppu tune`, chosen on a validation split of each test user's most
+recent history items), and the report names the split and what it chose (`tuning_statement`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,20 @@ SECTIONS: dict[str, str] = {
 """Section id -> heading, in report order (each id is also the HTML anchor of its section)."""
 TUNING_STATEMENT = ("Nothing was tuned: every setting is the report preset's, fixed before any query was answered; "
                     "no choice was made on test queries (nor on a validation split, as none was needed).")
+
+
+def tuning_statement(run_preset: str | None) -> str:
+    """What was chosen, on which split and how: TUNING_STATEMENT unless the run preset was written by `oppu tune`."""
+    from oppu.config import preset_chosen_on
+
+    chosen = preset_chosen_on(run_preset) if run_preset else None
+    if not chosen:
+        return TUNING_STATEMENT
+    values = ", ".join(f"{k}={v}" for k, v in chosen["chosen"].items())
+    return (f"{values} chosen on the validation split of {chosen['task']} ({len(chosen['users'])} users, each "
+            f"user's {chosen['validation_items']} most recent history items held out of training and answered; "
+            f"objective: {chosen['objective']}) by `{chosen['command']}`; every other setting is the run "
+            "preset's. No choice was made on test queries.")
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,23 @@ def get_preset(name: str) -> ReportPreset:
     if name not in REPORT_PRESETS:
         raise ReportError(f"unknown report preset {name!r}: use one of {', '.join(REPORT_PRESETS)}")
     return REPORT_PRESETS[name]
+
+
+def customized(preset: ReportPreset, seeds: Sequence[int] | str | None = None,
+               run_preset: str | None = None) -> ReportPreset:
+    """`preset` with its seeds and/or run preset replaced (the CLI's --seeds and --run-preset)."""
+    import dataclasses
+
+    from oppu.config import load_preset
+
+    if seeds is not None:
+        from oppu.replicates import parse_seeds
+
+        preset = dataclasses.replace(preset, seeds=tuple(parse_seeds(seeds)))
+    if run_preset is not None:
+        load_preset(run_preset)  # an unknown name or unreadable file fails here, before planning
+        preset = dataclasses.replace(preset, run_preset=run_preset)
+    return preset
 
 
 def plan(preset: ReportPreset, overrides: Mapping[str, Any] | None = None) -> tuple[list[PlannedRun], list[str]]:
@@ -477,7 +508,8 @@ def render(command: str, preset_name: str, preset: ReportPreset, executed: Seque
             "<section id='command'><h2>Command</h2><pre>" + _esc(command) + "</pre>"
             f"<p>Results store <code>{_esc(db)}</code>; every number below can be printed again with "
             f"<code>oppu results --db {_esc(db)} --run RUN_ID</code> (or <code>--group</code>).</p></section>",
-            "<section id='tuning'><h2>Tuning</h2><p>" + _esc(TUNING_STATEMENT) + "</p></section>",
+            "<section id='tuning'><h2>Tuning</h2><p>" + _esc(tuning_statement(preset.run_preset))
+            + "</p></section>",
             "<section id='machine'><h2>Machine and time</h2>"
             + _table(["", ""], [*machine().items(), ("wall time", f"{wall_s:.1f} s"),
                                 ("seeds", ", ".join(map(str, preset.seeds))),
@@ -505,25 +537,19 @@ def render(command: str, preset_name: str, preset: ReportPreset, executed: Seque
 # -- the whole report --------------------------------------------------------------------------------------------
 def build_report(preset_name: str, out: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None,
                  command: str = "", progress: bool = True, log: Callable[[str], None] = print,
-                 seeds: Sequence[int] | None = None) -> Path:
+                 seeds: Sequence[int] | None = None, run_preset: str | None = None) -> Path:
     """Plan, run every run into the store, gather and write the HTML report; returns its path. `seeds`
-    replaces the preset's seeds."""
-    import dataclasses
-
+    replaces the preset's seeds, `run_preset` its run preset (a name or a tuned preset file)."""
     from oppu.store import Store
 
-    preset = get_preset(preset_name)
-    if seeds is not None:
-        from oppu.replicates import parse_seeds
-
-        preset = dataclasses.replace(preset, seeds=tuple(parse_seeds(seeds)))
+    preset = customized(get_preset(preset_name), seeds, run_preset)
     runs, notes = plan(preset, overrides)
     if not runs:
         raise ReportError("nothing to run: no task of the report has a data folder ("
                           + "; ".join(notes) + ")")
     log(f"report {preset_name}: {len(runs)} runs x {len(preset.seeds)} seed(s), "
         f"{users_to_run(runs, preset.seeds)} user trainings")
-    log(TUNING_STATEMENT)
+    log(tuning_statement(preset.run_preset))
     try:
         guess = estimate(runs, preset.seeds)
         log(f"estimate: about {guess['seconds'] / 60:.0f} min at oppu.jobs.plan's untuned default per-unit costs "

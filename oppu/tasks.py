@@ -97,6 +97,13 @@ class Task:
         """The field `text_only` history drops: the answer, unless the answer is the item's only text (LaMP_7)."""
         return None if self.target_field == self.source_field else self.target_field
 
+    @property
+    def history_answers_queries(self) -> bool:
+        """Whether a history item's training example asks what a query asks (same question, an answer a query
+        could have), so held-out items can stand in for queries (`oppu.splits`). Not for LaMP_7, whose items
+        have no source text, nor LaMP_1 (see CitationTask)."""
+        return self.history_from_source
+
     # -- retrieval side --------------------------------------------------------------------------------------
     def retrieval_query(self, input: str, instruction: bool = True) -> str:
         """What a retriever matches a query's `input` against: OPPU's instruction + the query text for BM25
@@ -281,6 +288,11 @@ class CitationTask(Task):
         if input.startswith("abstract:"):
             return f"Write the title of this author's paper. Answer with only the title.\n{input.strip()}"
         return f"{input.strip()}\nAnswer with only [1] or [2].\nreference:"
+
+    @property
+    def history_answers_queries(self) -> bool:
+        # An item's example asks for the paper's citation (or title), not the [1]/[2] choice a query asks.
+        return False
 
     def history_example(self, item: Any) -> tuple[str, str] | None:
         """OPPU's LaMP_1 example `paper title: T reference:` -> cited reference, when the item has `citation`.

@@ -25,6 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", help="results store (default runs/oppu.duckdb)")
     parser.add_argument("--artifacts", help="adapters and caches (default runs/artifacts)")
     parser.add_argument("--seeds", help="comma list replacing the preset's seeds (e.g. 0 for one seed)")
+    parser.add_argument("--run-preset", help="the run preset under every run instead of the report preset's: a "
+                                             "name in oppu/presets or a preset file written by oppu tune")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and stop")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (one line per run instead)")
 
@@ -37,17 +39,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from oppu.commands.run import fail, usage_errors
-    from oppu.report import ReportError, build_report, estimate, get_preset, plan, users_to_run
+    from oppu.report import ReportError, build_report, customized, estimate, get_preset, plan, users_to_run
 
     overrides = overrides_from_args(args)
     try:
-        preset = get_preset(args.preset)
-        if args.seeds:
-            import dataclasses
-
-            from oppu.replicates import parse_seeds
-
-            preset = dataclasses.replace(preset, seeds=tuple(parse_seeds(args.seeds)))
+        preset = customized(get_preset(args.preset), args.seeds or None, args.run_preset)
         runs, notes = plan(preset, overrides)
     except (ReportError, ValueError) as exc:
         return fail("report", exc)
@@ -72,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         else "oppu report --preset " + args.preset + " --out " + shlex.quote(args.out)
     try:
         path = build_report(args.preset, args.out, overrides, command=command, progress=not args.quiet,
-                            seeds=preset.seeds)
+                            seeds=preset.seeds, run_preset=args.run_preset)
     except (ReportError, *usage_errors()) as exc:
         return fail("report", exc)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

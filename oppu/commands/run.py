@@ -43,10 +43,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data", help="data folder holding <task id>/ in the OPPU layout (default data/demo)")
     add("--db", help="results store (default runs/oppu.duckdb)")
     add("--artifacts", help="adapters and caches (default runs/artifacts)")
-    add("--preset", help="a preset in oppu/presets (e.g. quick, paper); flags override it")
+    add("--preset", help="a preset in oppu/presets (e.g. quick, paper) or a .json preset file (oppu tune writes "
+                         "one); flags override it")
     add("--cutoff", help="behaviour shift: only history dated before this ISO date")
     add("--history-format", help="full or text_only")
     add("--no-adapt", action="store_true", default=None, help="skip task adaptation of the base model")
+    add("--split", help="test (the users' real queries, default) or validation (each user's most recent history "
+                        "items held out as queries: where settings are chosen, see oppu tune)")
+    add("--validation-items", type=int, help="history items held out per user by --split validation (default 4)")
     add("--tag", help="free text grouping runs")
     add("--batching", help="multi_lora (default: a chunk of LoRA users trains and answers in shared batches) or "
                            "per_user (PEFT, one user at a time: the reference path)")
@@ -90,6 +94,8 @@ def config_from_args(args: argparse.Namespace):
     put("history_cutoff", args.cutoff)
     put("history_format", args.history_format)
     put("task_adaptation", False if args.no_adapt else None)
+    put("split", args.split)
+    put("validation_items", args.validation_items)
     put("tag", args.tag)
     put("batching", args.batching)
     return build_config(getattr(args, "preset", None), flags)

@@ -308,7 +308,7 @@ def logs(root: str | os.PathLike[str], job_id: str, tail: int | None = None) -> 
 def resolve_users(cfg: Any) -> list[str]:
     """The ids of the test users `cfg` selects, read from its data folder (no model is loaded), chosen exactly as
     the run will choose them (`oppu.experiment.select_users`; an unknown id raises UnknownUserError)."""
-    from oppu.data import load_task_data
     from oppu.experiment import select_users
+    from oppu.splits import run_data
 
-    return [user.id for user in select_users(load_task_data(cfg.data_dir, cfg.task), cfg)]
+    return [user.id for user in select_users(run_data(cfg), cfg)]

@@ -225,13 +225,13 @@ def _quiet_libraries() -> None:
 def _plan(cfg: Any, done_users: Any) -> list[dict[str, Any]] | None:
     """The run's plan (`oppu.jobs.plan.plan_run`) as JSON stages, written to the log; None when the data cannot
     be read here (the runner then reports the problem itself)."""
-    from oppu.data import load_task_data
     from oppu.jobs.plan import plan_units
+    from oppu.splits import run_data
 
     try:
         from oppu.jobs.plan import plan_run
 
-        stages = plan_run(cfg, load_task_data(cfg.data_dir, cfg.task), done_users)
+        stages = plan_run(cfg, run_data(cfg), done_users)
     except Exception as err:  # noqa: BLE001 - progress falls back to counting users
         _log(f"no plan ({one_line_error(err)}): progress counts finished users only")
         return None
