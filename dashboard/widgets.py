@@ -57,7 +57,9 @@ def no_data_message(data_dir: Path) -> None:
 
 def task_picker(tasks: list[str], key: str, label: str = "Task") -> str | None:
     """A task selectbox starting on `?task=` from the URL, else the task chosen on another page, else the task
-    of the newest run, else the first; the choice carries over to the other pages."""
+    of the newest run, else the default task (`RunConfig().task`, the README's LaMP_2M), else the first; the choice
+    carries over to the other pages."""
+    from oppu.config import RunConfig
     from oppu.tasks import get_task
 
     if not tasks:
@@ -65,7 +67,7 @@ def task_picker(tasks: list[str], key: str, label: str = "Task") -> str | None:
     wanted = st.query_params.get("task")
     if wanted is not None and wanted not in tasks:
         st.warning(f"The link asks for task {wanted!r}, which is not available here ({', '.join(tasks)}).")
-    candidates = (wanted, st.session_state.get("_task"), latest_task())
+    candidates = (wanted, st.session_state.get("_task"), latest_task(), RunConfig().task)
     index = next((tasks.index(t) for t in candidates if t in tasks), 0)
     choice = st.selectbox(label, tasks, index=index, key=key,
                           format_func=lambda t: f"{t} · {get_task(t).name.replace('_', ' ')}")

@@ -130,6 +130,22 @@ def test_unknown_task_in_the_url_is_explained(env):
     assert "'LaMP_9'" in at.warning[0].value and at.selectbox(key="explore-task").value == "LaMP_2M"
 
 
+def test_with_no_run_yet_every_task_picker_starts_on_the_default_task(env, tmp_path, monkeypatch, tiny_users):
+    """LaMP_1 comes first in the registry, but the quick demo and every picker start on LaMP_2M (the README's)."""
+    import shutil
+
+    from oppu.data import write_oppu
+
+    data = tmp_path / "two-tasks"
+    shutil.copytree(env["OPPU_DATA"], data)
+    write_oppu("LaMP_1", (), (), data)  # a first task in registry order, with no users: the pickers list it
+    monkeypatch.setenv("OPPU_DATA", str(data))
+    for name, key in (("overview", "demo-task"), ("data_explorer", "explore-task")):
+        at = page(name)
+        assert at.selectbox(key=key).options[:2] == ["LaMP_1 · citation", "LaMP_2M · movie tagging"]
+        assert at.selectbox(key=key).value == "LaMP_2M", name
+
+
 # -- populated store --------------------------------------------------------------------------------------------
 
 
