@@ -229,32 +229,60 @@ def _pending_users(cfg: RunConfig, run_id: str, users: Sequence, store) -> list:
 
 
 def _build(cfg: RunConfig, run_id: str, task, data, store, progress, should_stop) -> _Context:
-    from oppu.adaptation import TaskBases, adapt_task
+    from oppu.adaptation import TaskBases
     from oppu.banks import make_bank
-    from oppu.model import load_model, model_key
-    from oppu.retrieval import get_retriever
+    from oppu.model import load_model
 
     model, tokenizer = load_model(cfg.model, MODEL_CACHE)
-    retriever = get_retriever(cfg.retrieval.retriever,
-                              partial(task.format_item, text_only=cfg.history_format == "text_only"))
+    retriever = run_retriever(cfg, task)
     bases = None
     if cfg.task_adaptation and data.train_users:
-        # One task LoRA per prompt style the run asks in (task_LoRA.py trains k=0, k=1 and k=1 + profile
-        # separately); each is cached by task, style and settings, so runs that share a style share its base.
-        folders = {}
-        for style in run_styles(cfg):
-            result = adapt_task(model, tokenizer, task, data.train_users, style, cfg.adaptation_peft,
-                                cfg.adaptation_train, cfg.artifacts_dir, model_name=model_key(cfg.model),
-                                data_fingerprint=data.fingerprint, retriever=retriever,
-                                retriever_name=cfg.retrieval.retriever, progress=progress, should_stop=should_stop)
-            folders[style] = result.folder
+        results = adapt_styles(cfg, task, data, model, tokenizer, retriever, progress, should_stop)
+        for style, result in results.items():
             store.add_train_curve(run_id, "__task__", f"adapt:{style.key}", result.curve)
         # Captured before the engine wraps the model: the bases switch the same weight tensors in place.
-        bases = TaskBases(model, folders)
+        bases = TaskBases(model, {style: result.folder for style, result in results.items()})
     elif cfg.task_adaptation:
         log.warning("no other users in %s: task adaptation skipped", data.source)
     return _Context(cfg, run_id, task, store, tokenizer, make_bank(model, cfg.user_peft, cfg.batching), retriever,
                     adapter_styles(cfg), data.fingerprint, progress, should_stop, bases)
+
+
+def run_retriever(cfg: RunConfig, task):
+    """The retriever a run searches histories with (items rendered as the run's history format renders them)."""
+    from oppu.retrieval import get_retriever
+
+    return get_retriever(cfg.retrieval.retriever,
+                         partial(task.format_item, text_only=cfg.history_format == "text_only"))
+
+
+def adapt_styles(cfg: RunConfig, task, data, model, tokenizer, retriever, progress=None, should_stop=None) -> dict:
+    """The task-adapted base of every prompt style the run asks in ({style: AdaptResult}): task_LoRA.py trains
+    k=0, k=1 and k=1 + profile separately. Each is cached by task, style and settings, so runs that share a style
+    share its base, and a base built ahead of time (`oppu prepare`) is found here."""
+    from oppu.adaptation import adapt_task
+    from oppu.model import model_key
+
+    return {style: adapt_task(model, tokenizer, task, data.train_users, style, cfg.adaptation_peft,
+                              cfg.adaptation_train, cfg.artifacts_dir, model_name=model_key(cfg.model),
+                              data_fingerprint=data.fingerprint, retriever=retriever,
+                              retriever_name=cfg.retrieval.retriever, progress=progress, should_stop=should_stop)
+            for style in run_styles(cfg)}
+
+
+def prepare_bases(cfg: RunConfig, progress=None) -> dict:
+    """Build (or find cached) the task-adapted bases a run with `cfg` will use, without running it: what
+    `oppu prepare` does for the dashboard's quick demo, so its first click trains only the personal adapters."""
+    from oppu.model import load_model
+    from oppu.splits import run_data
+    from oppu.tasks import get_task
+
+    task = get_task(cfg.task)
+    data = run_data(cfg, task)
+    if not (cfg.task_adaptation and data.train_users):
+        return {}
+    model, tokenizer = load_model(cfg.model, MODEL_CACHE)
+    return adapt_styles(cfg, task, data, model, tokenizer, run_retriever(cfg, task), progress)
 
 
 def _use_base(ctx: _Context, style: PromptStyle | None) -> None:

@@ -284,3 +284,26 @@ def test_a_bf16_base_trains_fp32_factors_end_to_end(base_cfg):
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
     assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if "lora_B" in k), "B never moved"
     assert len(Store(cfg.db).predictions_for(run_id, "alice")) == 2 * 2
+
+
+def test_bases_prepared_ahead_are_the_ones_a_run_uses(base_cfg):
+    """`oppu prepare` builds the quick demo's task-adapted bases with `prepare_bases`: the run that follows must
+    find every one of them cached (no adaptation step runs) and answer exactly as a run that built them itself."""
+    from oppu.experiment import prepare_bases, run_styles
+
+    cfg = base_cfg.replace(methods=("none", "rag", "oppu", "oppu+rag"))
+    built = prepare_bases(cfg)
+    assert set(built) == set(run_styles(cfg)) and not any(r.cached for r in built.values())
+    events = []
+    run_id = run_experiment(cfg, progress=lambda *a: events.append(a))
+    adapt = [e for e in events if str(e[0]).startswith("adapt")]
+    assert adapt and all(step == total == 0 for _, step, total, _ in adapt)  # announced as cached: nothing trained
+    again = prepare_bases(cfg)
+    assert all(r.cached and r.folder == built[s].folder for s, r in again.items())
+
+    fresh = cfg.replace(artifacts_dir=cfg.artifacts_dir + "-fresh", db=cfg.db + "-fresh")
+    fresh_id = run_experiment(fresh)
+    for user in Store(cfg.db).done_users(run_id):
+        ours = Store(cfg.db).predictions_for(run_id, user)
+        theirs = Store(fresh.db).predictions_for(fresh_id, user)
+        assert list(ours["raw_output"]) == list(theirs["raw_output"]) and len(ours) == 4 * len(set(ours.query_id))

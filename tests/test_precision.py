@@ -319,10 +319,10 @@ def test_prepare_caches_the_verdict_beside_the_model(probed, monkeypatch, capsys
     set_speedup(5.0)
     monkeypatch.setattr(oppu.model, "prepare_embedded_model", lambda cache_dir, force=False: cache / "model")
     monkeypatch.setattr(oppu.model, "load_model", lambda cfg, cache_dir: (None, None))
-    assert main(["prepare", "--cache", str(cache)]) == 0
+    assert main(["prepare", "--cache", str(cache), "--no-demo-base"]) == 0
     assert "dtype auto on this CPU: bfloat16" in capsys.readouterr().out
     assert precision.read_verdict(cache)["dtype"] == "bfloat16" and calls == [5.0]
     set_speedup(0.5)
-    assert main(["prepare", "--cache", str(cache)]) == 0 and calls == [5.0]  # cached: not measured again
-    assert main(["prepare", "--cache", str(cache), "--force"]) == 0 and calls == [5.0, 0.5]
+    assert main(["prepare", "--cache", str(cache), "--no-demo-base"]) == 0 and calls == [5.0]  # cached: not measured again
+    assert main(["prepare", "--cache", str(cache), "--force", "--no-demo-base"]) == 0 and calls == [5.0, 0.5]
     assert precision.auto_dtype("cpu", cache) == "float32"
