@@ -9,8 +9,11 @@
 Pure: no model is loaded here (behaviour-shift reads the data's dates when no cutoffs are given).
 
 Comparable by construction: `comparable_runs` picks, among the stored runs, those that differ in the swept knob
-alone (same users, data, model and every other setting) and says why each other run was left out;
-`comparable_frame` builds the analysis table over those runs only; `activity_bins` makes equal-count bins of
+alone (same users, data, model and every other setting) and says why each other run was left out. A seed is not
+a setting: the replicates of one setting (`oppu.replicates`, one `seed_group`) are pooled for its knob value, and
+the intervals resample them as seeds crossed with the users (`oppu.uncertainty.grouped_intervals`).
+`sweep_members(..., seeds=...)` repeats every member under each seed, one seed group per member;
+`comparable_frame` builds the analysis table over the chosen runs only; `activity_bins` makes equal-count bins of
 history size that never split one size over two bins, so every bin has its own label.
 """
 
@@ -18,10 +21,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from oppu.config import PeftConfig, RetrievalConfig, RunConfig
+from oppu.replicates import VARIED
 
 K_VALUES = (0, 1, 2, 4, 8)
 ACTIVITY_USERS = 100
@@ -85,9 +89,18 @@ LABELS: dict[str, Callable[[RunConfig], str]] = {
 """Each sweep's member label: the setting of its swept knob (what tells the sweep's jobs apart)."""
 
 
-def sweep_members(kind: str, base: RunConfig, values: Sequence[Any] | None = None) -> list[tuple[str, RunConfig]]:
-    """`(label, config)` per run of one analysis, e.g. `("k=4", cfg)`."""
-    return [(LABELS[kind](cfg), cfg) for cfg in sweep_configs(kind, base, values)]
+def sweep_members(kind: str, base: RunConfig, values: Sequence[Any] | None = None,
+                  seeds: Sequence[int] | str | None = None) -> list[tuple[str, RunConfig]]:
+    """`(label, config)` per run of one analysis, e.g. `("k=4", cfg)`. With `seeds` every member runs once per
+    seed (`oppu.replicates.seed_configs`), the seeds of one member in a seed group of their own, labelled
+    `"k=4 · seed 1"`."""
+    from oppu.replicates import new_group_id, seed_configs
+
+    members = [(LABELS[kind](cfg), cfg) for cfg in sweep_configs(kind, base, values)]
+    if seeds is None:
+        return members
+    return [(f"{label} · seed {seeded.user_train.seed}", seeded) for label, cfg in members
+            for seeded in seed_configs(cfg, seeds, new_group_id(cfg))]
 
 
 def sweep_configs(kind: str, base: RunConfig, values: Sequence[Any] | None = None) -> list[RunConfig]:
@@ -119,13 +132,26 @@ class Comparison:
     kind: str
     run_ids: tuple[str, ...]
     values: dict[str, str]
-    """run id -> its setting of the swept knob (e.g. `k=4`)."""
+    """run id -> its setting of the swept knob (e.g. `k=4`); the seeds of one setting share it."""
     excluded: dict[str, str]
     """run id -> why it is not comparable with the chosen runs."""
+    seeds: dict[str, int] = field(default_factory=dict)
+    """run id -> its seed (`user_train.seed`)."""
+
+    def settings(self) -> dict[str, tuple[str, ...]]:
+        """knob value -> the runs pooled for it, one per seed (in `run_ids` order)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for run_id in self.run_ids:
+            out[self.values[run_id]] = (*out.get(self.values[run_id], ()), run_id)
+        return out
 
     def describe(self) -> str:
-        used = ", ".join(f"`{r}` ({self.values[r]})" for r in self.run_ids) or "none"
-        text = f"Runs used: {used}."
+        parts = []
+        for value, run_ids in self.settings().items():
+            names = ", ".join(f"`{r}`" for r in run_ids)
+            seeds = f", seeds {', '.join(str(self.seeds.get(r, 0)) for r in run_ids)}" if len(run_ids) > 1 else ""
+            parts.append(f"{names} ({value}{seeds})")
+        text = f"Runs used: {', '.join(parts) or 'none'}."
         if self.excluded:
             text += f" Left out {len(self.excluded)}: " + "; ".join(f"`{r}` {why}" for r, why in
                                                                     list(self.excluded.items())[:5])
@@ -140,15 +166,29 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return {key: json.dumps(value, sort_keys=True, default=str) for key, value in flatten(config, prefix).items()}
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """One finished run as `comparable_runs` weighs it."""
+
+    run_id: str
+    value: str
+    replicates: str
+    """What its seeds pool under: the run's `seed_group`, or the run itself when it has none."""
+    seed: int
+    stamp: float
+
+
 def comparable_runs(kind: str, runs: Iterable[Mapping[str, Any]]) -> Comparison:
     """The finished runs (each a mapping with run_id, config (dict or JSON), data_fingerprint, model, status,
-    created) that differ in the swept knob alone: same users, data, model and every other setting. Of the
-    groups of runs that agree on all of that, the one covering the most knob values wins (then the newest);
-    with `activity` (nothing swept) the newest run alone. Pure."""
+    created) that differ in the swept knob alone: same users, data, model and every other setting. The seed keys
+    (`oppu.replicates.VARIED`) are not a setting: a knob value takes the newest of its replicate sets (the runs
+    of one `seed_group`, or a lone run), every seed of it pooled. Of the groups of runs that agree on all the
+    rest, the one covering the most knob values wins (then the newest); with `activity` (nothing swept) the
+    newest replicate set alone. Pure."""
     if kind not in KNOBS:
         raise ValueError(f"unknown sweep {kind!r}: use one of {', '.join(KNOBS)}")
     knobs = KNOBS[kind]
-    groups: dict[str, list[tuple[str, str, float]]] = {}
+    groups: dict[str, list[_Candidate]] = {}
     signature_of: dict[str, dict[str, Any]] = {}
     excluded: dict[str, str] = {}
     for run in runs:
@@ -159,41 +199,48 @@ def comparable_runs(kind: str, runs: Iterable[Mapping[str, Any]]) -> Comparison:
         config = run.get("config") or {}
         config = json.loads(config) if isinstance(config, str) else dict(config)
         flat = _flat(config)
-        rest = {k: v for k, v in flat.items() if k not in knobs and not k.startswith(FREE_KEYS)}
+        rest = {k: v for k, v in flat.items() if k not in knobs and k not in VARIED and not k.startswith(FREE_KEYS)}
         rest["data_fingerprint"] = str(run.get("data_fingerprint") or "")
         rest["model"] = str(run.get("model") or "")
         signature = json.dumps(rest, sort_keys=True)
         value = ", ".join(f"{k.split('.')[-1]}={json.loads(flat.get(k, 'null'))}" for k in knobs) or "all users"
         created = run.get("created")
         stamp = created.timestamp() if hasattr(created, "timestamp") else float(created or 0)
-        groups.setdefault(signature, []).append((run_id, value, stamp))
+        seed = json.loads(flat.get("user_train.seed", "0")) or 0  # TrainConfig.seed's default when unrecorded
+        group = config.get("seed_group") or f"run:{run_id}"
+        groups.setdefault(signature, []).append(_Candidate(run_id, value, group, int(seed), stamp))
         signature_of[signature] = rest
     if not groups:
         return Comparison(kind, (), {}, excluded)
 
     def rank(item):
         members = item[1]
-        return (len({v for _, v, _ in members}) if knobs else 1, max(s for _, _, s in members))
+        return (len({m.value for m in members}) if knobs else 1, max(m.stamp for m in members))
 
     best, members = max(groups.items(), key=rank)
-    chosen: dict[str, tuple[str, float]] = {}
-    for run_id, value, stamp in sorted(members, key=lambda m: -m[2]):
-        if knobs and value in {v for v, _ in chosen.values()}:
-            excluded[run_id] = f"repeats {value} (the newest run of a setting is used)"
-            continue
-        if not knobs and chosen:
-            excluded[run_id] = "is an older run of the same setting"
-            continue
-        chosen[run_id] = (value, stamp)
+    newest_set: dict[str, tuple[str, float]] = {}  # knob value -> (replicate set, its newest run's stamp)
+    for m in members:
+        if m.value not in newest_set or m.stamp > newest_set[m.value][1]:
+            newest_set[m.value] = (m.replicates, m.stamp)
+    chosen: dict[str, _Candidate] = {}
+    for m in sorted(members, key=lambda m: -m.stamp):
+        if m.replicates != newest_set[m.value][0]:
+            excluded[m.run_id] = (f"repeats {m.value} (the newest run or seed group of a setting is used)" if knobs
+                                  else "is an older run of the same setting")
+        elif any(c.value == m.value and c.seed == m.seed for c in chosen.values()):
+            excluded[m.run_id] = f"repeats seed {m.seed} of {m.value} (the newest run of a seed is used)"
+        else:
+            chosen[m.run_id] = m
     for signature, others in groups.items():
         if signature == best:
             continue
         differs = sorted(k for k in set(signature_of[signature]) | set(signature_of[best])
                          if signature_of[signature].get(k) != signature_of[best].get(k))
-        for run_id, _, _ in others:
-            excluded[run_id] = f"differs in {', '.join(differs[:3])}" + (" …" if len(differs) > 3 else "")
-    order = sorted(chosen, key=lambda r: chosen[r][0])
-    return Comparison(kind, tuple(order), {r: chosen[r][0] for r in order}, excluded)
+        for m in others:
+            excluded[m.run_id] = f"differs in {', '.join(differs[:3])}" + (" …" if len(differs) > 3 else "")
+    order = sorted(chosen, key=lambda r: (chosen[r].value, chosen[r].seed))
+    return Comparison(kind, tuple(order), {r: chosen[r].value for r in order}, excluded,
+                      {r: chosen[r].seed for r in order})
 
 
 def activity_bins(sizes: Sequence[int], bins: int = 4) -> list[tuple[int, int]]:
@@ -232,7 +279,8 @@ def bin_label(low: int, high: int) -> str:
 
 def comparable_frame(kind: str, cells: Any, comparison: Comparison, bins: int = 4) -> Any:
     """The analysis table of `kind` over the comparison's runs only, from `Store.analysis_cells` rows, with the
-    columns the store's own analysis queries return (plus `bin_label` for activity)."""
+    columns the store's own analysis queries return (plus `bin_label` for activity). The seeds of a setting pool
+    into its rows (`runs` counts them); activity bins count each user once."""
     import pandas as pd
 
     from oppu.config import METHODS
@@ -243,7 +291,7 @@ def comparable_frame(kind: str, cells: Any, comparison: Comparison, bins: int = 
     frame = frame.copy()
     frame["history_cutoff"] = frame["history_cutoff"].fillna("").astype(str)
     if kind == "activity":
-        per_user = frame.groupby(["run_id", "user_id"])["history_size"].max()
+        per_user = frame.groupby("user_id")["history_size"].max()  # once per user, however many seeds answered
         ranges = activity_bins(per_user.tolist(), bins)
 
         def which(size: int) -> int:

@@ -131,14 +131,14 @@ def difference_line(d: dict[str, Any]) -> str:
 
 
 def with_activity_bins(cells, bins: int = 4):
-    """`Store.analysis_cells` with `bin` and its `history_min`/`history_max`: users (per run) in up to `bins`
-    bins of about equally many users by history size, never splitting one size (`oppu.analyses.activity_bins`,
-    the bins of the Analyses page's Fig. 3)."""
+    """`Store.analysis_cells` with `bin` and its `history_min`/`history_max`: users (each once, however many
+    seeds answered it) in up to `bins` bins of about equally many users by history size, never splitting one
+    size (`oppu.analyses.activity_bins`, the bins of the Analyses page's Fig. 3)."""
     from oppu.analyses import activity_bins
 
     if cells.empty:
         return cells.assign(bin=[], history_min=[], history_max=[])
-    ranges = activity_bins(cells.groupby(["run_id", "user_id"])["history_size"].max().tolist(), bins)
+    ranges = activity_bins(cells.groupby("user_id")["history_size"].max().tolist(), bins)
 
     def which(size: int) -> int:
         return next(i for i, (lo, hi) in enumerate(ranges, start=1) if lo <= size <= hi)

@@ -71,3 +71,82 @@ def test_every_analysis_kind_builds_its_table_from_comparable_runs(env, tiny_tas
     used = comparable_runs(kind, store.runs().to_dict("records"))
     frame = comparable_frame(kind, store.analysis_cells("LaMP_2M"), used)
     assert used.run_ids == ("run-a",) and not frame.empty and (frame["score"].between(0, 1)).all()
+
+
+def _seeded(run_id, k, seed, group, created=0, **train):
+    """One replicate of a k-sweep setting, as `oppu.replicates.with_seed` stores it."""
+    return _run(run_id, k=k, created=created, user_train={"epochs": 2, "seed": seed, **train},
+                generation={"seed": seed}, seed_group=group)
+
+
+def test_the_seeds_of_a_setting_are_one_setting_and_pool_for_its_knob_value():
+    runs = [_seeded(f"k{k}-s{s}", k, s, f"group-k{k}", created=10 + s) for k in (0, 4) for s in (0, 1, 2)]
+    runs += [_run("k4-alone", k=4, created=1),  # an older lone run of k=4: the newer seed group stands for k=4
+             _seeded("lr", 4, 0, "group-lr", created=20, lr=0.1),
+             _seeded("k4-s1-again", 4, 1, "group-k4", created=5)]  # the group ran seed 1 twice: the newest counts
+    used = comparable_runs("k", runs)
+    assert used.settings() == {"k=0": ("k0-s0", "k0-s1", "k0-s2"), "k=4": ("k4-s0", "k4-s1", "k4-s2")}
+    assert {len(seeds) for seeds in used.settings().values()} == {3}
+    assert [used.seeds[r] for r in used.run_ids] == [0, 1, 2, 0, 1, 2]
+    assert used.excluded == {"k4-alone": "repeats k=4 (the newest run or seed group of a setting is used)",
+                             "lr": "differs in user_train.lr",
+                             "k4-s1-again": "repeats seed 1 of k=4 (the newest run of a seed is used)"}
+    assert used.describe().startswith("Runs used: `k0-s0`, `k0-s1`, `k0-s2` (k=0, seeds 0, 1, 2), "
+                                      "`k4-s0`, `k4-s1`, `k4-s2` (k=4, seeds 0, 1, 2).")
+    # a seed outside a replicate set is no setting either: a lone k=8 run under seed 5 joins the comparison
+    alone = comparable_runs("k", [*runs, _run("k8", k=8, created=3, user_train={"epochs": 2, "seed": 5})])
+    assert alone.settings()["k=8"] == ("k8",) and alone.seeds["k8"] == 5
+
+
+def test_activity_pools_the_newest_seed_group():
+    runs = [_seeded(f"s{s}", 1, s, "group", created=10 + s) for s in (0, 1)] + [_run("older", created=1)]
+    used = comparable_runs("activity", runs)
+    assert used.run_ids == ("s0", "s1") and used.excluded == {"older": "is an older run of the same setting"}
+
+
+def _replicate(db: Path, task_data, run_id: str, seed: int, group: str, k: int = 1) -> None:
+    """A finished run (`test_pages.populate`) recorded as seed `seed` of `group`, config and rows alike."""
+    import json
+
+    import duckdb
+
+    populate(db, task_data, run_id, k=k)
+    with duckdb.connect(str(db)) as con:
+        config = json.loads(con.execute("SELECT config FROM runs WHERE run_id = ?", [run_id]).fetchone()[0])
+        config.update(seed_group=group, user_train={"seed": seed}, generation={"seed": seed})
+        con.execute("UPDATE runs SET config = ? WHERE run_id = ?", [json.dumps(config), run_id])
+        con.execute("UPDATE predictions SET seed = ? WHERE run_id = ?", [seed, run_id])
+
+
+def test_the_seeds_of_a_setting_are_resampled_as_seeds_not_as_more_users(env, tiny_task_data):
+    from oppu.analyses import comparable_frame
+    from oppu.store import Store
+    from oppu.uncertainty import grouped_intervals, with_activity_bins
+
+    db = Path(env["OPPU_DB"])
+    for k in (1, 2):
+        for seed in (0, 1, 2):
+            _replicate(db, tiny_task_data, f"k{k}-s{seed}", seed, f"group-k{k}", k=k)
+    store = Store(db)
+    cells = store.analysis_cells("LaMP_2M")
+    used = comparable_runs("k", store.runs().to_dict("records"))
+    assert {v: len(r) for v, r in used.settings().items()} == {"k=1": 3, "k=2": 3} and not used.excluded
+    frame = comparable_frame("k", cells, used)
+    assert set(frame["k"]) == {1, 2} and set(frame["runs"]) == {3}
+    one_seed = cells[cells["run_id"] == "k1-s0"]
+    pooled = frame[frame["k"] == 1].set_index("method")["n"].to_dict()
+    assert pooled and pooled == {m: 3 * n for m, n in one_seed.groupby("method")["n"].sum().items() if m in pooled}
+    # the cells behind the figure's points, as pages/analyses.py picks them for the error bars
+    behind = cells[cells["run_id"].isin(used.run_ids) & cells["method"].isin(set(frame["method"]))]
+    intervals = grouped_intervals(behind, "k", n_boot=50)
+    users = len(tiny_task_data.test_users)
+    assert set(intervals["n_runs"]) == {3} and set(intervals["n_users"]) == {users}
+
+    activity = comparable_runs("activity", store.runs().to_dict("records"))
+    assert len(activity.run_ids) == 3  # the newest group's seeds, pooled
+    binned = comparable_frame("activity", cells, activity)
+    assert binned.groupby("bin")["users"].max().sum() == users  # each user in one bin, once
+    ranges = binned.drop_duplicates("bin")[["history_min", "history_max"]].to_records(index=False).tolist()
+    seeded = with_activity_bins(cells[cells["run_id"].isin(activity.run_ids)])
+    assert seeded.drop_duplicates("bin").sort_values("bin")[["history_min", "history_max"]] \
+        .to_records(index=False).tolist() == ranges

@@ -111,9 +111,60 @@ def test_presets_and_flags_layer(cli_paths):
 def test_sweep_dry_run_lists_the_runs(cli_paths, capsys):
     assert main(["sweep", "--kind", "k", "--values", "0,2", "--dry-run", "--data", cli_paths["data"]]) == 0
     out = capsys.readouterr().out
-    assert "[1/2]" in out and "[2/2]" in out and "'k': 2" in out
+    assert "[1/2] k=0:" in out and "[2/2] k=2:" in out and "'retrieval.k': 2" in out
+    assert main(["sweep", "--kind", "k", "--values", "0,2", "--seeds", "0,1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[2/4] k=0 · seed 1: {'user_train.seed': 1, 'retrieval.k': 0, 'generation.seed': 1, 'tag': 'k-sweep'}" \
+        in out
+    assert "[4/4] k=2 · seed 1:" in out and "seed_group" not in out
     assert main(["sweep", "--kind", "bogus", "--dry-run"]) == 2
     assert "unknown sweep" in _one_error_line(capsys)
+    assert main(["sweep", "--kind", "k", "--seeds", "1,1", "--dry-run"]) == 2
+    assert "seed 1 is repeated" in _one_error_line(capsys)
+
+
+def _sweep_args(p, *extra):
+    return ["sweep", "--kind", "k", "--values", "0,2", "--task", "LaMP_2M", "--methods", "rag,oppu+rag",
+            "--model", p["model"], "--data", p["data"], "--db", p["db"], "--artifacts", p["artifacts"],
+            "--epochs", "1", "--no-adapt", "--user-ids", "alice,bob", "--quiet", *extra]
+
+
+def test_a_sweep_with_seeds_runs_each_member_per_seed_and_the_analysis_pools_them(cli_paths, capsys):
+    from oppu.analyses import comparable_runs
+    from oppu.store import Store
+
+    assert main(_sweep_args(cli_paths, "--seeds", "0,1")) == 0
+    out = capsys.readouterr().out
+    assert "[4/4] k=2 · seed 1:" in out and out.count("seed group ") == 2
+    store = Store(cli_paths["db"])
+    groups = store.seed_groups()
+    assert len(groups) == 2 and [list(s) for s in groups["seeds"]] == [[0, 1], [0, 1]]
+    assert set(store.runs()["status"]) == {"done"}
+    used = comparable_runs("k", store.runs().to_dict("records"))
+    assert {value: len(runs) for value, runs in used.settings().items()} == {"k=0": 2, "k=2": 2}
+    assert not used.excluded
+    # the seeds of one setting are the runs of one seed group, and each setting has its own
+    groups = {value: {store.run_group(r) for r in runs} for value, runs in used.settings().items()}
+    assert {len(g) for g in groups.values()} == {1} and groups["k=0"] != groups["k=2"]
+
+
+def test_a_sweep_with_seeds_in_the_background_is_one_group_of_jobs(cli_paths, capsys, tmp_path, monkeypatch):
+    from oppu import jobs
+    from oppu.jobs import lifecycle
+
+    monkeypatch.setattr(lifecycle, "_spawn", lambda root, job: None)  # jobs stay queued: nothing trains here
+    root = tmp_path / "jobs"
+    assert main(_sweep_args(cli_paths, "--seeds", "0,1,2", "--background", "--root", str(root))) == 0
+    assert "6 jobs queued" in capsys.readouterr().out
+    listed = jobs.list_jobs(root)
+    (sweep,) = jobs.group_sweeps(listed)
+    assert sweep["kind"] == "k" and sweep["planned"] == 6 and sweep["queued"] == 6
+    labels = {j["sweep"]["label"]: j["config"] for j in listed}
+    assert sorted(labels) == [f"k={k} · seed {s}" for k in (0, 2) for s in (0, 1, 2)]
+    assert labels["k=2 · seed 1"]["user_train"]["seed"] == 1 and labels["k=2 · seed 1"]["generation"]["seed"] == 1
+    assert labels["k=2 · seed 1"]["retrieval"]["k"] == 2
+    groups = {k: {labels[f"k={k} · seed {s}"]["seed_group"] for s in (0, 1, 2)} for k in (0, 2)}
+    assert all(len(g) == 1 and "" not in g for g in groups.values()) and groups[0] != groups[2]
 
 
 def test_results_without_a_store_is_a_clear_error(tmp_path, capsys):

@@ -1,8 +1,9 @@
 """Sweeps as one object: the runs of one analysis submitted, listed, estimated and cancelled together.
 
 A sweep is an id shared by its member jobs: each member's job.json carries `sweep = {id, kind, task, label,
-planned}` (`label` is the member's setting, e.g. `k=4`). There is no sweep file to get out of step with its
-jobs: `group_sweeps` derives each sweep's planned/done/running counts from the job list, and `cancel_sweep`
+planned}` (`label` is the member's setting, e.g. `k=4`, with its seed in a sweep run under several seeds:
+`k=4 · seed 1`, the seeds of one setting sharing a `seed_group`). There is no sweep file to get out of step with
+its jobs: `group_sweeps` derives each sweep's planned/done/running counts from the job list, and `cancel_sweep`
 cancels every member. `preview` says before anything is submitted what a sweep will launch (runs, users,
 estimated time from step costs measured by earlier jobs under the same root).
 Members share a task-adapted base wherever their adaptation settings agree: the cache key
