@@ -8,8 +8,12 @@ training examples (plain prompts) by `oppu.examples.user_examples`, with the run
 - multilora: `oppu.multilora.train_users_batched` on the same examples, batches, schedule and initial weights.
 
 Targets: multilora >= 1.5x the sequential loop, and >= 50% of the fp32 matmul peak this script
-measures. Also reported: peak RSS of each path (target for a 16-user run: < 2 GB) and how far the two paths'
-adapters differ (they should agree up to float rounding).
+measures. Also reported: peak RSS of each path (target for a 16-user run: < 2 GB), how far the two paths'
+adapters differ (they should agree up to float rounding) and how much of the forwards is padding.
+
+`--budgets 256,512`: instead, the batched path alone at several padded-token budgets per forward
+(`tokens_per_forward`), each against the smallest, with the forwards and padding each budget makes and the forwards
+that packing each user's rows into rows of at most the budget would leave (no target: it sizes the budget).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from bench.common import (
     load_default_model,
     markdown_table,
     matmul_peak_gflops,
+    peak_rss_mib,
     phase,
+    run_rounds,
     verdict,
 )
 
@@ -51,6 +57,65 @@ def useful_gflop(model, encoded) -> float:
     return (4 * body * tokens + 4 * head * answers) / 1e9
 
 
+def chunking(batches, budget: int) -> dict[str, float]:
+    """What the batched path's chunking makes of `batches` (user -> that user's batches of TrainExample): the
+    forwards, their padded and real tokens, and the forwards left if each user's rows of a step were first packed
+    (first fit, longest first) into rows of at most `budget` tokens, for the same per-forward budget."""
+    from oppu.train import length_chunks
+
+    forwards = padded = real = packed_forwards = 0
+    for step in range(max(len(b) for b in batches.values())):
+        rows, packed = [], []
+        for user_batches in batches.values():
+            lengths = [len(r.input_ids) for r in (user_batches[step] if step < len(user_batches) else [])]
+            rows += lengths
+            bins: list[int] = []
+            for n in sorted(lengths, reverse=True):
+                fit = next((i for i, used in enumerate(bins) if used + n <= budget), None)
+                if fit is None:
+                    bins.append(n)
+                else:
+                    bins[fit] += n
+            packed += bins
+        chunks = length_chunks(rows, budget)
+        forwards += len(chunks)
+        padded += sum(len(c) * max(rows[i] for i in c) for c in chunks)
+        real += sum(rows)
+        packed_forwards += len(length_chunks(packed, budget))
+    return {"forwards": forwards, "padding": 1 - real / padded, "forwards if packed": packed_forwards}
+
+
+def budget_sweep(ml, batches, init_state, train_cfg, peft_cfg, pad_id: int, budgets: list[int], rounds: int):
+    """The batched path at each budget (fresh adapters from `init_state` every time), best of `rounds` with the
+    order reversed each round; rows of the report table, ratios against the first (smallest) budget.
+
+    Peak RSS is each budget's first run's: the first round goes from the smallest budget up, and memory a larger
+    budget freed stays resident, so a later run's peak would show the largest budget's."""
+    from oppu.multilora import train_users_batched
+
+    first_peak: dict[int, float | None] = {}
+
+    def path(budget: int):
+        def run():
+            for uid in batches:
+                ml.load_state_dict(uid, init_state, alpha=peft_cfg.alpha, r=peft_cfg.r)
+            train_users_batched(ml, batches, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                                warmup_ratio=train_cfg.warmup_ratio, max_grad_norm=train_cfg.max_grad_norm,
+                                pad_id=pad_id, tokens_per_forward=budget)
+            first_peak.setdefault(budget, peak_rss_mib())  # phase() reset the mark when this run began
+        return run
+
+    best, _ = run_rounds({f"{b} tokens per forward": path(b) for b in budgets}, rounds)
+    first = best[f"{budgets[0]} tokens per forward"]
+    rows = []
+    for b in budgets:
+        p = best[f"{b} tokens per forward"]
+        rows.append({"tokens per forward": b, **chunking(batches, b), "wall s": p.seconds, "CPU s": p.cpu_seconds,
+                     f"speed-up vs {budgets[0]} (wall)": first.seconds / p.seconds,
+                     "(CPU)": first.cpu_seconds / p.cpu_seconds, "peak RSS MiB, first run": first_peak[b]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="LaMP_2M")
@@ -59,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: RunConfig().user_train.epochs")
     parser.add_argument("--tokens-per-forward", type=int, default=None,
                         help="padded tokens per forward in the batched path (default: oppu.train.tokens_per_forward_for)")
+    parser.add_argument("--budgets", default=None,
+                        help="comma-separated padded tokens per forward: time the batched path at each (no baseline loop)")
+    parser.add_argument("--rounds", type=int, default=2, help="with --budgets: best of this many rounds")
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to the dated log in docs/bench-log/")
     add_device_argument(parser)
     args = parser.parse_args(argv)
@@ -122,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
 
     ml = MultiLora.from_peft_config(base, peft_cfg, capacity=len(users))
     budget = args.tokens_per_forward or tokens_per_forward_for(base)
+    if args.budgets:
+        budgets = sorted({int(b) for b in args.budgets.split(",")})
+        rows = budget_sweep(ml, batches, init_state, train_cfg, peft_cfg, training_pad_id(tokenizer), budgets,
+                            args.rounds)
+        notes = [(f"workload: {task.id}, {len(users)} users x {args.items} history items -> {len(all_rows)} examples, "
+                  f"{n_tokens} tokens over {train_cfg.epochs} epochs, batch {train_cfg.batch_size} per user, "
+                  f"{bench_dtype()}; the batched path (oppu.multilora.train_users_batched) at each budget, best of "
+                  f"{args.rounds} rounds in alternating order; tokens_per_forward_for(model) = "
+                  f"{tokens_per_forward_for(base)} here"),
+                 ("padding: the share of padded tokens in those forwards; forwards if packed: what the same chunking "
+                  "leaves after packing each user's rows of a step into rows of at most the budget (counted, not run)")]
+        append_report("Training: padded tokens per forward", markdown_table(rows), notes, write=not args.no_report)
+        return 0
     for uid in encoded:
         ml.load_state_dict(uid, init_state, alpha=peft_cfg.alpha, r=peft_cfg.r)
     with phase("multilora") as ours:
@@ -161,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
               f"max_length {train_cfg.max_length}, LoRA r={peft_cfg.r} on {'/'.join(peft_cfg.target_modules)}, "
               f"{bench_dtype()}; {budget} padded tokens per forward in the batched path, "
               f"{tokens_per_forward_for(model)} in the per-user loop"),
+             ("chunks of the batched path: {forwards} forwards, {padding:.1%} of their tokens padding, "
+              "{forwards if packed} forwards if each user's rows were packed".format_map(chunking(batches, budget))),
              (f"multilora vs sequential: {speedup:.2f}x wall, {seq.cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
               + verdict(speedup, TARGET_SPEEDUP)),
              (f"multilora at {fraction:.0%} of the {bench_dtype()} matmul peak ({peak:.0f} GFLOP/s: the best of two "

@@ -36,7 +36,9 @@ ShouldStop = Callable[[], bool]
 TOKENS_PER_FORWARD = 256
 """Padded tokens per forward pass in training: bounds activation memory (~1.5 MB per token for SmolLM2-135M in
 fp32). Measured peak RSS of one 8-example step (1,419 tokens): 2.6 GB at 768, 1.8 GB at 384, 1.4 GB at 256, with
-no loss of speed on CPU (a row of 150 tokens still makes matmuls large enough)."""
+no loss of speed on CPU (a row of 150 tokens still makes matmuls large enough). In bf16 a token costs about as much
+memory and 512 is only ~1.1x faster; packing rows would not pay either, since `length_chunks` leaves 0-1.5% of a
+pass's tokens as padding on the demo data (docs/PERFORMANCE.md, "Padding and packing in training")."""
 GPU_TOKENS_PER_FORWARD_MAX = 65536
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt and padding), as in Hugging Face."""
