@@ -72,6 +72,12 @@ def test_ray_shares_match_the_local_run(ray_session, tiny_model_dir, tiny_data_d
     job = jobs.get_job(root, job_id)
     assert job["state"] == "done" and job["users_total"] == 3 and job["progress"] == 1.0
     assert {e.get("share") for e in read_events(root / job_id) if "share" in e} == {0, 1}
+    # the shares' readable lines are in the job's own log (not only in Ray's session logs), marked by share
+    log = jobs.logs(root, job_id)
+    for share in (0, 1):
+        assert f"share {share}: " in log
+        assert any(line.split(f"share {share}: ", 1)[-1].startswith(f"user:{u}") and "done in" in line
+                   for u in ray_cfg.user_ids for line in log.splitlines() if f"share {share}: " in line), log
 
 
 def test_killed_ray_task_fails_the_job(ray_session, tmp_path, tiny_data_dir):

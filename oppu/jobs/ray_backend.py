@@ -16,7 +16,14 @@ from typing import Any
 
 from oppu.jobs.folder import JobError, append_event
 from oppu.jobs.lifecycle import resolve_users
-from oppu.jobs.worker import CANCEL_GRACE_S, cancel_flag, progress_writer, resolve_runner
+from oppu.jobs.worker import (
+    CANCEL_GRACE_S,
+    LogProgress,
+    cancel_flag,
+    progress_writer,
+    resolve_runner,
+    share_log,
+)
 
 
 def split_users(user_ids: list[str], shares: int) -> list[list[str]]:
@@ -40,7 +47,10 @@ def _ray_share(runner_spec: str | None, config: dict[str, Any], run_id: str, fol
     run = resolve_runner(runner_spec)
     # A share must not mark the shared run done: run_ray_job does that once, after the last share.
     extra = {"finalize": False} if "finalize" in inspect.signature(run).parameters else {}
-    return run(cfg, progress=progress_writer(path, share=share), should_stop=cancel_flag(path), store=None,
+    write = share_log(path, share)
+    write(f"{len(cfg.user_ids or ())} user(s): {', '.join(cfg.user_ids or ())}")
+    progress = LogProgress(progress_writer(path, share=share), write)
+    return run(cfg, progress=progress, should_stop=cancel_flag(path), store=None,
                run_id=run_id, job_id=path.name, **extra)
 
 

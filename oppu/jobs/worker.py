@@ -143,7 +143,7 @@ def run_worker(root: str | os.PathLike[str], job_id: str, runner: Runner | None 
 
             run_ray_job(job, cfg, folder, store)
         else:
-            run(cfg, progress=_LogProgress(progress_writer(folder)), should_stop=cancel_flag(folder), store=store,
+            run(cfg, progress=LogProgress(progress_writer(folder)), should_stop=cancel_flag(folder), store=store,
                 run_id=job["run_id"], job_id=job["job_id"])
         if (folder / "cancel").exists():
             final = {"state": "cancelled"}
@@ -242,11 +242,25 @@ def _plan(cfg: Any, done_users: Any) -> list[dict[str, Any]] | None:
     return [s.to_dict() for s in stages]
 
 
-class _LogProgress:
+def share_log(folder: Path, share: int) -> Callable[[str], None]:
+    """The log writer of a Ray share: its lines go into the job's worker.log (a Ray task's own stderr lands in
+    Ray's session logs, where nobody reading the job would look), each prefixed with the share. One short append
+    per line (O_APPEND), so the lines of concurrent shares interleave whole."""
+    path = folder / "worker.log"
+
+    def write(line: str) -> None:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(time.strftime("%H:%M:%S ") + f"share {share}: {line}\n")
+
+    return write
+
+
+class LogProgress:
     """Passes every report on to the job's event log and writes the readable lines of the worker log."""
 
-    def __init__(self, inner: Callable[..., None]):
+    def __init__(self, inner: Callable[..., None], write: Callable[[str], None] | None = None):
         self.inner = inner
+        self.write = write or _log
         self.started: dict[str, tuple[float, int]] = {}
         self.last: dict[str, tuple[float, int]] = {}
 
@@ -257,22 +271,22 @@ class _LogProgress:
         stage, step, total, loss = args
         now = time.monotonic()
         if stage == "users":
-            _log(f"users done: {step} of {total}")
+            self.write(f"users done: {step} of {total}")
             return
         if stage not in self.started:
             self.started[stage] = self.last[stage] = (now, int(step or 0))
             what = "rows" if str(stage).startswith("generate") else "steps"
-            _log(f"{stage}: start ({total} {what}" + (f", continuing at {step}" if step else "") + ")")
+            self.write(f"{stage}: start ({total} {what}" + (f", continuing at {step}" if step else "") + ")")
             if not (total and step == total):
                 return
         t0, s0 = self.last[stage]
         if loss is not None and (step % LOG_EVERY == 0 or step == total):
             speed = (now - t0) / max(1, step - s0)
-            _log(f"{stage}: step {step}/{total} loss {loss:.4f} ({speed:.2f} s/step)")
+            self.write(f"{stage}: step {step}/{total} loss {loss:.4f} ({speed:.2f} s/step)")
             self.last[stage] = (now, step)
         if total is not None and step == total:
             begin, first = self.started[stage]
-            _log(f"{stage}: done in {now - begin:.1f} s" + (f" ({(now - begin) / (step - first):.2f} s/step)"
+            self.write(f"{stage}: done in {now - begin:.1f} s" + (f" ({(now - begin) / (step - first):.2f} s/step)"
                                                               if step > first and loss is not None else ""))
 
 
