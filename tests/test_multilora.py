@@ -212,6 +212,53 @@ def test_generation_equals_per_user_peft_token_for_token(base, states):
     assert len({tuple(e) for e in expected}) > 1  # different users really answered differently
 
 
+def test_shared_prefix_prefill_equals_per_user_peft_token_for_token(base64, states64):
+    """Rows opening with the same 20 tokens: the prefix is prefilled once per distinct adapter (3 here, for 7
+    rows) and every row still answers exactly as its own unpadded PEFT generate (float64: no near-tie can flip)."""
+    peft_model = peft_with(base64, states64)
+    ml = multi_with(base64, states64)
+    gen = torch.Generator().manual_seed(5)
+    prefix = torch.randint(3, VOCAB, (20,), generator=gen).tolist()
+    rows = [prefix + rest for rest in prompts(6, seed=3)] + [prefix + [7]]
+    adapters = [None, None, "ann", None, "ben", "ann", None]
+    max_new = 10
+    free = [peft_greedy(peft_model, r, a, max_new, [VOCAB + 5]) for r, a in zip(rows, adapters, strict=True)]
+    eos = sorted({free[0][2], free[4][6]})
+    expected = [peft_greedy(peft_model, r, a, max_new, eos) for r, a in zip(rows, adapters, strict=True)]
+    assert any(len(e) < max_new for e in expected) and any(len(e) == max_new for e in expected)
+    shapes = []
+    hook = ml.model.get_input_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    try:
+        got = generate_ids(ml, rows, adapters, max_new, eos, pad_id=0, batch_size=len(rows))
+    finally:
+        hook.remove()
+    assert shapes[0] == (3, 20)  # the shared prefix, once per distinct adapter (None, ann, ben)
+    assert shapes[1] == (len(rows), max(len(r) for r in rows) - 20)  # then only each row's own rest
+    assert got == expected
+    assert got == generate_ids(ml, rows, adapters, max_new, eos, pad_id=0, batch_size=len(rows), share_prefix=False)
+
+
+def test_shared_prefix_prefill_keeps_the_answers_of_chat_prompts(tiny_model, tiny_users):
+    """Real task prompts on the chat-templated tiny model, no adapter (the `none` method): the chat header and
+    the task instruction are one shared prefix, and the answers equal those of today's full prefill and of
+    Hugging Face `generate` through oppu.generate."""
+    from oppu.generate import encode_prompt, generate
+    from oppu.multilora.decode import MIN_SHARED_PREFIX, shared_prefix
+    from oppu.tasks import get_task
+
+    model, tokenizer = tiny_model
+    task = get_task("LaMP_2M")
+    texts = [task.prompt(q.input) for user in (*tiny_users[0], *tiny_users[1]) for q in user.queries]
+    assert shared_prefix([encode_prompt(tokenizer, t, 512) for t in texts]) >= MIN_SHARED_PREFIX
+    expected = generate(copy.deepcopy(model), tokenizer, texts, None, max_new_tokens=8)
+    ml = MultiLora(model, capacity=1, r=8, alpha=8)
+    no_adapter = [None] * len(texts)
+    full = generate_multi(ml, tokenizer, texts, no_adapter, max_new_tokens=8, share_prefix=False)
+    shared = generate_multi(ml, tokenizer, texts, no_adapter, max_new_tokens=8)
+    assert shared == full == expected
+    assert len(set(expected)) > 1  # the prompts' own rests really change the answers
+
+
 def test_generate_multi_matches_project_generate_with_peft_pool(tiny_model):
     """The string-level drop-in: same chat wrapping, end tokens and decoding as oppu.generate."""
     from oppu.config import GenerationConfig, PeftConfig
