@@ -76,19 +76,37 @@ def progress_text(job: dict) -> str:
 def loss_frame(job: dict) -> pd.DataFrame:
     """The job's losses with one series per user and prompt style; task adaptation is named by its style."""
     frame = pd.DataFrame(job.get("losses") or [], columns=["step", "loss", "user_id", "style", "stage"])
+    return _named_series(frame)
+
+
+def stored_curves_frame(curves: pd.DataFrame) -> pd.DataFrame:
+    """A stored run's training curves (`Store.train_curve`: user_id, stage such as `adapt:plain` or `oppu:rag-k1`,
+    step, loss) named as a job's live losses are: `task adaptation (plain)`, `alice (rag-k1)`."""
+    frame = curves.reindex(columns=["step", "loss", "user_id", "stage"]).copy()
+    frame["style"] = frame["stage"].astype(str).str.partition(":")[2]
+    frame["stage"] = frame["stage"].astype(str).str.startswith("adapt:").map({True: "task_adaptation",
+                                                                               False: "user"})
+    return _named_series(frame)
+
+
+def _named_series(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
-        return frame[["step", "loss", "user_id"]]
+        return frame.reindex(columns=["step", "loss", "user_id"])
     style = frame["style"].fillna("").astype(str)
     adapt = frame["stage"].eq("task_adaptation") | frame["user_id"].eq("__task__")
     user = frame["user_id"].fillna("").astype(str)
-    frame["user_id"] = [f"task adaptation ({s or 'plain'})" if a else (f"{u} ({s})" if s else u)
-                        for a, u, s in zip(adapt, user, style)]
-    frame["step"] = frame["step"].astype(int)
+    frame = frame.assign(user_id=[f"task adaptation ({s or 'plain'})" if a else (f"{u} ({s})" if s else u)
+                                  for a, u, s in zip(adapt, user, style)],
+                         step=frame["step"].astype(int))
     return frame[["step", "loss", "user_id"]]
 
 
 def loss_chart(job: dict, key: str) -> None:
-    frame = loss_frame(job)
+    curve_chart(loss_frame(job), key)
+
+
+def curve_chart(frame: pd.DataFrame, key: str) -> None:
+    """Loss against integer steps, one line per series; nothing when there is no point."""
     if frame.empty:
         return
     fig = charts.loss_curve(frame)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state, widgets
+from dashboard import jobs_view, state, widgets
 from oppu import runs as core
 
 st.title("Runs")
@@ -68,6 +68,13 @@ for run_id in chosen:
                 core.set_note(where.db, run_id, note)
                 st.cache_data.clear()
                 st.success(f"Saved the tag and note of `{run_id}`.")
+        with widgets.friendly("read the training curves"):
+            curves = jobs_view.stored_curves_frame(state.query("train_curve", run_id))
+        if curves.empty:
+            st.caption("No training curves stored for this run (methods without an adapter train nothing).")
+        else:
+            st.markdown("**Training curves**: task adaptation per prompt style, each user's adapter per style.")
+            jobs_view.curve_chart(curves, key=f"runs-curves-{run_id}")
         st.markdown("**Delete this run**: its predictions, metrics, training curves and adapters.")
         sure = st.checkbox(f"Yes, delete `{run_id}` for good", key=f"runs-sure-{run_id}")
         if st.button("Delete run", key=f"runs-delete-{run_id}", icon=":material/delete:", disabled=not sure,

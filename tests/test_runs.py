@@ -71,3 +71,25 @@ def test_runs_page_compares_tags_notes_and_deletes_after_confirmation(env, tiny_
     assert "Deleted `run-k4`" in texts(at)
     assert set(Store(db).runs()["run_id"]) == {"run-k1"} and Store(db).prediction_count("run-k4") == 0
     assert not adapters.exists()
+
+
+def test_a_stored_runs_training_curves_are_named_by_stage_style_and_user(env, tiny_task_data):
+    """The Runs page draws a finished run's stored curves: task adaptation by its style (never `__task__`), each
+    user's adapter per style as its own line."""
+    from test_pages import plotly_charts, values
+
+    db, _ = _two_runs(env, tiny_task_data)
+    store = Store(db)
+    store.add_train_curve("run-k1", "__task__", "adapt:plain", [(1, 3.0), (2, 2.5)])
+    store.add_train_curve("run-k1", "__task__", "adapt:rag-k1", [(1, 3.2), (2, 2.7)])
+    store.add_train_curve("run-k1", "alice", "oppu:plain", [(1, 2.0), (2, 1.5), (3, 1.2)])
+    store.add_train_curve("run-k1", "alice", "oppu:rag-k1", [(1, 2.1), (2, 1.7)])
+    at = page("runs")
+    at.multiselect(key="runs-chosen").set_value(["run-k1"]).run()
+    assert not at.exception
+    figures = plotly_charts(at)
+    names = {trace.name for fig in figures for trace in fig.data}
+    assert names >= {"task adaptation (plain)", "task adaptation (rag-k1)", "alice (plain)", "alice (rag-k1)"}
+    assert not any("__task__" in n for n in names)
+    alice = next(t for fig in figures for t in fig.data if t.name == "alice (plain)")
+    assert values(alice.x) == [1, 2, 3] and values(alice.y) == [2.0, 1.5, 1.2]  # one user and style: one line
