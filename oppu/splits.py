@@ -71,14 +71,25 @@ def holdout_user(task, user, n: int):
 
 
 def validation_data(data, task, n: int):
-    """`data` (a TaskData) with every test user held out as `holdout_user` does; train users are unchanged."""
+    """`data` (a TaskData) with every test user held out as `holdout_user` does; train users are unchanged.
+
+    A test user whose history is too short to give up `n` items keeps it whole and gets no queries: never answered,
+    never scored, so it cannot leak a test query into a validation score (the most active users, the ones a run
+    picks, have histories far longer than `n`)."""
     reason = unsupported_reason(task)
     if reason is not None:
         raise SplitError(f"no validation split for {task.id}: {reason}. Tune on another task (LaMP_2N, LaMP_2M, "
                          "LaMP_3, LaMP_4 or LaMP_5) and carry the choice over")
     if n < 1:
         raise SplitError(f"validation_items must be >= 1 (got {n})")
-    return replace(data, test_users=tuple(holdout_user(task, u, n) for u in data.test_users))
+
+    def split(user):
+        try:
+            return holdout_user(task, user, n)
+        except SplitError:
+            return replace(user, queries=(), profile_text=None)
+
+    return replace(data, test_users=tuple(split(u) for u in data.test_users))
 
 
 def run_data(cfg, task=None):

@@ -54,6 +54,14 @@ def test_too_short_a_history_is_a_clear_error(tiny_users):
         holdout_user(get_task("LaMP_2M"), carol, 4)
 
 
+def test_a_user_too_short_for_the_split_answers_nothing(tiny_task_data):
+    val = validation_data(tiny_task_data, get_task("LaMP_2M"), 4)
+    carol = val.user("carol")  # 4 items: none can be given up, no test query may stand in
+    assert carol.queries == () and len(carol.history) == 4
+    assert all(q.id.startswith("val:") for u in val.test_users for q in u.queries)
+    assert [len(u.queries) for u in val.test_users] == [4, 4, 0]
+
+
 @pytest.mark.parametrize("task_id", ["LaMP_1", "LaMP_7"])
 def test_tasks_whose_items_do_not_ask_their_question_are_refused(tiny_task_data, task_id):
     with pytest.raises(SplitError, match=f"no validation split for {task_id}: .*Tune on another task"):
