@@ -362,6 +362,38 @@ def test_batched_training_equals_training_each_user_alone(base64, states64):
         assert torch.equal(ml.state_dict("idle")[key], value), "a user with no batches was updated"
 
 
+COMPILE_TOL = {"rtol": 0.0, "atol": 1e-3}
+
+
+def test_compiled_training_equals_eager_training(base64, states64, monkeypatch):
+    """OPPU_COMPILE=1 (torch.compile of the decoder layers, dropout masks included) trains the same adapters as
+    eager, and generation gets the eager layers back.
+
+    Not to EXACT_TOL: Hugging Face's RMSNorm computes in float32 even in a float64 model, and Inductor's fused
+    norm rounds that float32 differently (4.8e-7 on one norm), which AdamW's near-zero gradients turn into
+    element differences of up to 2.4e-5 here. COMPILE_TOL is 40x that, and 150x below what a wrong dropout mask
+    (another seed, or none) moves an element: 0.15."""
+    per_user = {"ann": user_batches(1, 4), "ben": user_batches(2, 3)}
+    kwargs = {"lr": 5e-2, "weight_decay": 0.01, "max_grad_norm": 0.5, "tokens_per_forward": 24, "pad_id": 0}
+    eager = multi_with(base64, states64, capacity=2, dropout=0.2)
+    train_users_batched(eager, per_user, **kwargs)
+    monkeypatch.setenv("OPPU_COMPILE", "1")
+    ml = multi_with(base64, states64, capacity=2, dropout=0.2)
+    seen = set()
+    hook = ml.model.get_decoder().register_forward_pre_hook(
+        lambda module, args: seen.add(type(module.layers[0]).__name__))
+    try:
+        train_users_batched(ml, per_user, **kwargs)
+    finally:
+        hook.remove()
+    assert seen == {"OptimizedModule"}
+    assert type(ml.model.get_decoder().layers[0]).__name__ == "LlamaDecoderLayer"
+    for user in per_user:
+        for key, value in eager.state_dict(user).items():
+            torch.testing.assert_close(ml.state_dict(user)[key], value, **COMPILE_TOL, msg=f"{user} {key}")
+            assert not torch.equal(value, states64[user][key]), "the adapter did not train"
+
+
 def test_dropout_masks_do_not_depend_on_batch_companions(base64, states64):
     """With LoRA dropout on, a user trained among others (in any chunking) equals that user trained alone:
     its masks come from its own seed, step and row index. This is what lets Ray shares, resumed jobs and

@@ -4,13 +4,17 @@ Each user's loss is the mean over that user's answer tokens, the total is the su
 receives gradient from its own user's rows; clipping and AdamW run per slot with per-user step counts, so every
 user's adapter ends up as if it had been trained alone on the same batches. The loss definition, batching,
 schedule and padding are `oppu.train`'s, shared with the PEFT loop.
+
+`OPPU_COMPILE=1` runs the training forwards' decoder layers compiled (`compiled_layers`); off by default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +105,37 @@ def row_seed(seed: int, step: int, index: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+COMPILE_ENV = "OPPU_COMPILE"
+"""`1`: training forwards run every decoder layer through `torch.compile` (Inductor). Off by default: on the 2-core
+AMX CPU training ran 1.13-1.30x faster, but compiling took ~2 minutes with an empty Inductor cache (9-10 s once
+its on-disk cache holds the graphs), more than a default run's training saves; generation gains nothing and keeps
+the eager layers (`python -m bench.compile`, docs/PERFORMANCE.md)."""
+
+
+@contextlib.contextmanager
+def compiled_layers(model) -> Iterator[None]:
+    """Within the block, with `OPPU_COMPILE=1`, every decoder layer of `model` runs compiled; the eager layers are
+    back after it. Regional compilation: the layers share one graph (per shape class and mode), not one each."""
+    if os.environ.get(COMPILE_ENV, "0") in ("", "0"):
+        yield
+        return
+    layers = model.get_decoder().layers
+    eager = list(layers)
+    try:
+        for i, layer in enumerate(eager):
+            layers[i] = torch.compile(layer)  # a thin wrapper: the compiled graphs are cached by Dynamo, not here
+        # Each MultiLoraLinear's `offset` (its columns in the dropout keep-mask) is an int attribute: unless it is
+        # left unspecialised, Dynamo recompiles for every layer and runs eager past its recompile limit. The
+        # graphs: an input with or without grad (the first layer or the rest) x a padding mask or none x the first
+        # shape met or any other (dynamic): ~8, so the limit is raised to 16. (`dynamic=True` from the start
+        # compiled longer and ran 1.05x eager where this ran 1.2-1.3x: bench.compile, 2026-12-02.)
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=16):
+            yield
+    finally:
+        for i, layer in enumerate(eager):
+            layers[i] = layer
+
+
 def _step_loss(ml: MultiLora, rows: Sequence[TrainExample], row_slots: Sequence[int], weights: torch.Tensor,
                pad_id: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Forward + backward of one chunk; returns each row's weighted loss (detached)."""
@@ -112,7 +147,8 @@ def _step_loss(ml: MultiLora, rows: Sequence[TrainExample], row_slots: Sequence[
     if seeds is not None and ml.active_route.rows is None:  # training routes every row (no base-only rows)
         ml.active_route.keep = ml.dropout_mask(seeds, [len(r.input_ids) for r in rows], width)
     try:
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        with compiled_layers(model):
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     finally:
         ml.active_route = None
     losses, picked = answer_cross_entropy(model, hidden, labels, reduction="none")
