@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +37,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oppu.commands.run import fail, usage_errors
+    from oppu.commands.run import fail, typed_command, usage_errors
     from oppu.report import ReportError, build_report, customized, estimate, get_preset, plan, users_to_run
 
     overrides = overrides_from_args(args)
@@ -64,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{units['generate']} answers; about {guess['seconds'] / 60:.0f} min at the untuned default per-unit "
                   "costs of oppu.jobs.plan (a CPU step of the embedded 135M model)")
         return 0
-    command = "oppu report " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["report"] \
-        else "oppu report --preset " + args.preset + " --out " + shlex.quote(args.out)
+    command = typed_command("report", "oppu report --preset " + args.preset + " --out " + shlex.quote(args.out))
     try:
         path = build_report(args.preset, args.out, overrides, command=command, progress=not args.quiet,
                             seeds=preset.seeds, run_preset=args.run_preset)

@@ -8,6 +8,7 @@ Layers: arguments -> `RunConfig` (defaults < `--preset` < flags) -> `run_experim
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Any
 
@@ -142,6 +143,14 @@ def metric_table(frame) -> str:
         return "(no metrics: no scored predictions)"
     wide = frame.pivot(index="method", columns="metric", values="value")
     return wide.to_string(float_format=lambda v: f"{v:.4f}")
+
+
+def typed_command(name: str, fallback: str) -> str:
+    """The `oppu NAME ...` command line as typed (recorded with what it produced), or `fallback` when the command
+    was called from Python rather than from the shell."""
+    if sys.argv[1:2] == [name]:
+        return "oppu " + shlex.join(sys.argv[1:])
+    return fallback
 
 
 def fail(command: str, exc: BaseException) -> int:

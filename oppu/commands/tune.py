@@ -9,10 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
-from oppu.commands.run import ProgressBar, add_run_arguments, config_from_args, fail, usage_errors
+from oppu.commands.run import (
+    ProgressBar,
+    add_run_arguments,
+    config_from_args,
+    fail,
+    typed_command,
+    usage_errors,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,13 +28,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="where to write the tuned preset (.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_run_arguments(parser)
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The command line as typed (recorded in the preset), or its grid alone when called from Python."""
-    if sys.argv[1:2] == ["tune"]:
-        return "oppu " + shlex.join(sys.argv[1:])
-    return "oppu tune " + " ".join(f"--grid {shlex.quote(g)}" for g in args.grid)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         base = config_from_args(args)
     except ValueError as exc:
         return fail("tune", exc)
-    command = _command(args)
+    command = typed_command("tune", "oppu tune " + " ".join(f"--grid {shlex.quote(g)}" for g in args.grid))
     bar = ProgressBar(not args.quiet)
 
     def show(point) -> None:
