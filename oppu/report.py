@@ -77,8 +77,14 @@ class ReportPreset:
     activity_methods: tuple[str, ...] = ("none", "rag", "oppu", "oppu+rag")
     analysis_task: str = "LaMP_2M"
     """The task of the k, behaviour-shift, history-format and PEFT analyses."""
+    analysis_users: int | None = None
+    """Users of those four analyses (None: the main table's)."""
+    analysis_seeds: tuple[int, ...] | None = None
+    """Seeds of those four analyses (None: `seeds`); the main table and Fig. 3 always run every seed."""
     k_values: tuple[int, ...] = (0, 1, 2, 4)
     peft_kinds: tuple[str, ...] = ("lora", "ia3", "prompt")
+    shift_cutoffs: tuple[str, ...] | None = None
+    """History cutoff dates of the behaviour-shift analysis (None: quantiles of the users' history dates)."""
 
 
 REPORT_PRESETS: dict[str, ReportPreset] = {
@@ -89,8 +95,13 @@ REPORT_PRESETS: dict[str, ReportPreset] = {
                    "adaptation_train.max_length": 128, "generation.max_new_tokens": 3},
         activity_users=3, activity_methods=("none", "oppu"), k_values=(0, 1, 2)),
     "demo": ReportPreset(
-        "CPU-sized, on the demo data: the `quick` run preset, four users per task (twelve for Fig. 3), three "
-        "seeds.", run_preset="quick", overrides={"users": 4}, seeds=(0, 1, 2), activity_users=12),
+        "Sized for a 2-core CPU within 90 minutes, on the demo data: the `quick` run preset (its per-user lr chosen "
+        "on a validation split), the main table on LaMP_2M, LaMP_3 and LaMP_7 with the 12 most active users and "
+        "three seeds, Fig. 3 on those same runs, and the k, behaviour-shift (at the demo data's shift date "
+        "2021-07-01), history-format and PEFT analyses on LaMP_2M with 4 users and one seed.",
+        run_preset="quick", overrides={"users": 12}, seeds=(0, 1, 2),
+        tasks=("LaMP_2M", "LaMP_3", "LaMP_7"), activity_users=12, analysis_users=4, analysis_seeds=(0,),
+        k_values=(0, 1, 2, 4), shift_cutoffs=("2021-07-01",)),
     "paper": ReportPreset(
         "The official protocol (`paper` run preset: 100 users, the paper's schedules and decoding), three seeds; "
         "meant for a GPU and a 7B model.", run_preset="paper", seeds=(0, 1, 2), activity_users=100,
@@ -110,6 +121,8 @@ class PlannedRun:
     label: str
     """What this run varies within its section (e.g. `k=2`, `ia3`), or the task for the main table."""
     cfg: RunConfig
+    seeds: tuple[int, ...] = ()
+    """The seeds this run is made with; empty: the report's seeds."""
 
 
 def get_preset(name: str) -> ReportPreset:
@@ -153,6 +166,10 @@ def plan(preset: ReportPreset, overrides: Mapping[str, Any] | None = None) -> tu
         return build_config(preset.run_preset, {**layer, "task": task, "methods": list(methods),
                                                 "tag": f"report:{section}"})
 
+    def analysis_base(task: str, section: str, methods: Sequence[str]) -> RunConfig:
+        cfg = base(task, section, methods)
+        return cfg if preset.analysis_users is None else cfg.replace(users=preset.analysis_users, user_ids=None)
+
     runs: list[PlannedRun] = []
     for task in preset.tasks:
         if available(task, SECTIONS["main"]):
@@ -163,24 +180,28 @@ def plan(preset: ReportPreset, overrides: Mapping[str, Any] | None = None) -> tu
             runs.append(PlannedRun("activity", task, f"{preset.activity_users} users", cfg))
     task = preset.analysis_task
     if available(task, "the analyses"):
+        shift = list(preset.shift_cutoffs) if preset.shift_cutoffs else None
         sweeps = (("k", ("rag", "oppu+rag"), list(preset.k_values), lambda c: f"k={c.retrieval.k}"),
-                  ("behaviour-shift", ("none", "oppu", "oppu+rag"), None,
+                  ("behaviour-shift", ("none", "oppu", "oppu+rag"), shift,
                    lambda c: f"before {c.history_cutoff}" if c.history_cutoff else "full history"),
                   ("history-format", ("rag", "oppu+rag"), None, lambda c: c.history_format),
                   ("peft", ("oppu",), list(preset.peft_kinds), lambda c: c.user_peft.kind))
         for section, methods, values, label in sweeps:
             try:
-                configs = sweep_configs(section, base(task, section, methods), values)
+                configs = sweep_configs(section, analysis_base(task, section, methods), values)
             except ValueError as exc:  # e.g. behaviour shift over undated data
                 notes.append(f"{SECTIONS[section]}: skipped ({exc})")
                 continue
-            runs += [PlannedRun(section, task, label(c), c.replace(tag=f"report:{section}")) for c in configs]
+            runs += [PlannedRun(section, task, label(c), c.replace(tag=f"report:{section}"),
+                                tuple(preset.analysis_seeds or ())) for c in configs]
     return runs, notes
 
 
-def _reuse_key(cfg: RunConfig) -> str:
-    """Configs equal but for their methods and tag answer the same way: one run can serve both."""
-    return cfg.replace(methods=("none",), tag="", seed_group="").to_json()
+def _reuse_key(run: PlannedRun, seeds: Sequence[int]) -> str:
+    """Runs whose configs are equal but for their methods and tag, made with the same seeds, answer the same way:
+    one run can serve both."""
+    seeds = run.seeds or tuple(seeds)
+    return json.dumps([list(seeds), run.cfg.replace(methods=("none",), tag="", seed_group="").to_json()])
 
 
 # -- execute -----------------------------------------------------------------------------------------------------
@@ -251,7 +272,8 @@ def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportPr
     done: dict[str, tuple[set[str], ExecutedRun]] = {}
     out = []
     for i, run in enumerate(runs, 1):
-        earlier = done.get(_reuse_key(run.cfg))
+        key, run_seeds_ = _reuse_key(run, seeds), run.seeds or tuple(seeds)
+        earlier = done.get(key)
         what = f"[{i}/{len(runs)}] {run.section} {run.task} {run.label}"
         if earlier is not None and set(run.cfg.methods) <= earlier[0]:
             source = earlier[1]
@@ -264,15 +286,16 @@ def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportPr
         if progress is not None:
             progress.start(what)
         start = time.perf_counter()
-        if len(seeds) > 1:
-            _, run_ids = run_seeds(run.cfg, seeds, progress=progress)
+        if len(run_seeds_) > 1:
+            _, run_ids = run_seeds(run.cfg, run_seeds_, progress=progress)
         else:
-            cfg = run.cfg if seeds[0] == run.cfg.user_train.seed else _seeded(run.cfg, seeds[0])
+            seed = run_seeds_[0]
+            cfg = run.cfg if seed == run.cfg.user_train.seed else _seeded(run.cfg, seed)
             run_ids = [run_experiment(cfg, progress=progress)]
         executed = ExecutedRun(run, run_ids, time.perf_counter() - start)
         if progress is not None:
-            progress.finish_run(expected_users(run.cfg) * len(seeds))
-        done[_reuse_key(run.cfg)] = (set(run.cfg.methods), executed)
+            progress.finish_run(expected_users(run.cfg) * len(run_seeds_))
+        done[key] = (set(run.cfg.methods), executed)
         out.append(executed)
     return out
 
@@ -293,11 +316,11 @@ def users_to_run(runs: Sequence[PlannedRun], seeds: Sequence[int]) -> int:
     seen: dict[str, set[str]] = {}
     total = 0
     for run in runs:
-        key = _reuse_key(run.cfg)
+        key = _reuse_key(run, seeds)
         if key in seen and set(run.cfg.methods) <= seen[key]:
             continue
         seen[key] = set(run.cfg.methods)
-        total += expected_users(run.cfg) * len(seeds)
+        total += expected_users(run.cfg) * len(run.seeds or seeds)
     return total
 
 
@@ -315,7 +338,7 @@ def estimate(runs: Sequence[PlannedRun], seeds: Sequence[int], unit_s: Mapping[s
     seen: dict[str, set[str]] = {}
     stages = []
     for run in runs:
-        key = _reuse_key(run.cfg)
+        key = _reuse_key(run, seeds)
         if key in seen and set(run.cfg.methods) <= seen[key]:
             continue
         seen[key] = set(run.cfg.methods)
@@ -330,7 +353,7 @@ def estimate(runs: Sequence[PlannedRun], seeds: Sequence[int], unit_s: Mapping[s
                 adapted.add(cache)
                 stages.append(stage)
             else:
-                stages += [stage] * len(seeds)
+                stages += [stage] * len(run.seeds or seeds)
     return {"units": plan_units(stages), "seconds": estimate_s(stages, unit_s)}
 
 
@@ -375,6 +398,38 @@ def main_table(store, executed: Sequence[ExecutedRun]) -> list[dict[str, Any]]:
     return out
 
 
+CLAIMS = (("oppu", "none"), ("oppu+rag", "rag"), ("oppu+pag", "pag"))
+"""The paper's claims a report checks on every task: each OPPU variant beats its twin without the personal
+adapter. A claim holds when the 95% interval of the paired difference lies wholly on the better side of zero."""
+REPORTED = (("oppu", "rag"),)
+"""Comparisons reported whatever they show (the paper also finds OPPU alone ahead of RAG)."""
+
+
+def findings(tables: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per main-table task, each pair of CLAIMS and REPORTED with its paired difference and a verdict:
+    `holds`/`not shown` for a claim, `better`/`worse`/`no difference shown` for a reported pair."""
+    out = []
+    for t in tables:
+        if t.get("result") is None:
+            continue
+        higher = not t["result"]["lower_is_better"]
+        by_pair = {(d["method_a"], d["method_b"]): d for d in t["key"]}
+        for kind, pairs in (("claim", CLAIMS), ("reported", REPORTED)):
+            for pair in pairs:
+                d = by_pair.get(pair)
+                if d is None:
+                    continue
+                better = d["ci_low"] > 0 if higher else d["ci_high"] < 0
+                worse = d["ci_high"] < 0 if higher else d["ci_low"] > 0
+                if kind == "claim":
+                    verdict = "holds" if better else "not shown"
+                else:
+                    verdict = "better" if better else "worse" if worse else "no difference shown"
+                out.append({"task": t["task"], "metric": t["result"]["metric"], "higher_is_better": higher,
+                            "kind": kind, "verdict": verdict, **d})
+    return out
+
+
 def section_frame(cells, section: str, by: str):
     """The chart frame of one analysis section: per (setting, method) score, interval and counts."""
     from oppu.uncertainty import grouped_intervals, with_activity_bins
@@ -392,8 +447,12 @@ def section_frame(cells, section: str, by: str):
 # -- render ------------------------------------------------------------------------------------------------------
 def machine() -> dict[str, str]:
     """Where the numbers were made."""
-    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpus": str(os.cpu_count())}
+    from oppu.precision import cpu_facts
+
+    name, flags = cpu_facts()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    info = {"cpu": f"{name} ({', '.join(shown) or 'no AVX2'})", "cpus": str(os.cpu_count()),
+            "host": platform.node(), "platform": platform.platform(), "python": platform.python_version()}
     try:
         import torch
 
@@ -471,6 +530,26 @@ def _main_section(tables: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+FINDINGS_HEAD = ["task", "comparison", "difference", "95% CI", "p", "won / tied / lost", "verdict"]
+
+
+def _finding_row(f: Mapping[str, Any]) -> list[str]:
+    from oppu.uncertainty import format_p
+
+    side = "higher" if f["higher_is_better"] else "lower"
+    return [f"{f['task']} ({f['metric']}, {side} better)", f"{f['label_a']} vs {f['label_b']}", f"{f['diff']:+.3f}",
+            f"[{f['ci_low']:+.3f}, {f['ci_high']:+.3f}]", format_p(f["p_value"]),
+            f"{f['wins']} / {f['ties']} / {f['losses']}", f["verdict"]]
+
+
+def _findings_section(found: Sequence[Mapping[str, Any]]) -> str:
+    if not found:
+        return "<p class='note'>No main-table task was scored.</p>"
+    return ("<p>Each OPPU variant against its twin without the personal adapter (the claim holds when the 95% "
+            "interval of the paired difference lies wholly on the better side of zero), and OPPU alone against "
+            "RAG, reported whatever it shows.</p>" + _table(FINDINGS_HEAD, [_finding_row(f) for f in found]))
+
+
 def _analysis_section(section: str, cells, metric_of: Callable[[str], tuple[str, bool]]) -> str:
     from dashboard import charts  # the dashboard's pure figure builders, so the report draws the same figures
 
@@ -514,6 +593,7 @@ def render(command: str, preset_name: str, preset: ReportPreset, executed: Seque
             + _table(["", ""], [*machine().items(), ("wall time", f"{wall_s:.1f} s"),
                                 ("seeds", ", ".join(map(str, preset.seeds))),
                                 ("created", time.strftime("%Y-%m-%d %H:%M:%S %Z"))]) + "</section>"]
+    body.append("<section id='findings'><h2>Findings</h2>" + _findings_section(findings(tables)) + "</section>")
     if notes:
         body.append("<section id='notes'><h2>Notes</h2><ul>"
                     + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul></section>")
@@ -534,12 +614,101 @@ def render(command: str, preset_name: str, preset: ReportPreset, executed: Seque
             + "\n".join(body) + "</body></html>")
 
 
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
+
+
+ANALYSIS_BY = {"activity": "bin", "k": "k", "behaviour-shift": "history_cutoff", "history-format": "history_format",
+               "peft": "peft"}
+"""Each analysis section's column of `section_frame` (the knob its chart is drawn over)."""
+
+
+def render_markdown(command: str, preset_name: str, preset: ReportPreset, executed: Sequence[ExecutedRun],
+                    notes: Sequence[str], tables: list[dict[str, Any]], cells, wall_s: float, db: str,
+                    html_name: str) -> str:
+    """The report's findings, tables and provenance as Markdown (what docs/RESULTS.md is made of); the figures
+    stay in the HTML file."""
+    from oppu.metrics import row_score_name
+
+    info = machine()
+    lines = [f"# Results on the demo data: `oppu report --preset {preset_name}`", "",
+             f"Generated by `{command}` (do not edit by hand); the figures are in the HTML file it wrote "
+             f"(`{html_name}`). {preset.about}", "",
+             f"Machine: {info['cpu']}, {info['cpus']} cores, torch {info.get('torch', '?')} with "
+             f"{info.get('torch threads', '?')} threads, accelerator {info.get('accelerator', 'none')}. "
+             f"Wall time {wall_s / 60:.1f} min. Seeds {', '.join(map(str, preset.seeds))}. "
+             f"Created {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
+             "Intervals are 95% bootstrap intervals that resample users (their queries with them) and seeds; "
+             "paired differences compare two methods on the same queries and seeds, with a user-level sign-flip "
+             "permutation p-value.", "", "## Tuning", "", tuning_statement(preset.run_preset), "",
+             "## Findings", ""]
+    found = findings(tables)
+    if found:
+        lines += [_md_table(FINDINGS_HEAD, [_finding_row(f) for f in found]), ""]
+        for kind, title in (("claim", "Claims that hold"), ("claim-not", "Claims not shown")):
+            want = [f for f in found if f["kind"] == "claim"
+                    and (f["verdict"] == "holds") == (kind == "claim")]
+            if want:
+                lines.append(f"{title}: " + "; ".join(f"{f['task']} {f['label_a']} vs {f['label_b']}"
+                                                     for f in want) + ".")
+        lines.append("")
+    else:
+        lines += ["No main-table task was scored.", ""]
+    if notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    lines += [f"## {SECTIONS['main']}", ""]
+    for t in tables:
+        lines += [f"### {t['task']}", ""]
+        if t["result"] is None:
+            lines += ["No scored answers.", ""]
+            continue
+        res = t["result"]
+        lamp = t["lamp"]
+        wide = lamp.pivot(index="method", columns="metric", values="value") if not lamp.empty else None
+        names = [c for c in wide.columns if not c.startswith("lenient_")] if wide is not None else []
+        side = "lower" if res["lower_is_better"] else "higher"
+        rows = [[r["label"], f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+                 *(f"{wide.loc[r['method'], c]:.4f}" if wide is not None and r["method"] in wide.index else "–"
+                   for c in names)] for r in res["summary"]]
+        lines += [_md_table(["method", f"per-query {res['metric']} ({side} is better), mean [95% CI]",
+                             *(f"{c} (official, mean over seeds)" for c in names)], rows), "",
+                  f"{res['summary'][0]['n_users']} users, {res['summary'][0]['n_queries']} queries, seeds "
+                  f"{', '.join(map(str, res['seeds']))}; runs {', '.join(f'`{r}`' for r in t['run'].run_ids)}.",
+                  ""]
+    for section in (s for s in SECTIONS if s != "main"):
+        lines += [f"## {SECTIONS[section]}", ""]
+        part = cells[cells["section"] == section] if not cells.empty else cells
+        if part.empty:
+            lines += ["Not run (see the notes).", ""]
+            continue
+        by = ANALYSIS_BY[section]
+        for task in dict.fromkeys(part["task"]):
+            frame = section_frame(part[part["task"] == task], section, by)
+            metric, lower = row_score_name(task)
+            lines += [f"{task}, per-query {metric} ({'lower' if lower else 'higher'} is better):", "",
+                      _md_table([by, "method", "mean [95% CI]", "users", "queries", "runs"],
+                                [[r[by] if r[by] != "" else "(none)", method_label(r["method"]),
+                                  f"{r['score']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["n_users"],
+                                  r["n_queries"], r["n_runs"]] for _, r in frame.iterrows()]), ""]
+    lines += ["## Runs", "", _md_table(["section", "task", "setting", "wall time", "reused", "run ids"],
+                                       [[r.planned.section, r.planned.task, r.planned.label, f"{r.seconds:.0f} s",
+                                         r.reused or "", " ".join(f"`{i}`" for i in r.run_ids)]
+                                        for r in executed]), ""]
+    return "\n".join(lines)
+
+
 # -- the whole report --------------------------------------------------------------------------------------------
 def build_report(preset_name: str, out: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None,
                  command: str = "", progress: bool = True, log: Callable[[str], None] = print,
-                 seeds: Sequence[int] | None = None, run_preset: str | None = None) -> Path:
+                 seeds: Sequence[int] | None = None, run_preset: str | None = None,
+                 markdown: str | os.PathLike[str] | None = None) -> Path:
     """Plan, run every run into the store, gather and write the HTML report; returns its path. `seeds`
-    replaces the preset's seeds, `run_preset` its run preset (a name or a tuned preset file)."""
+    replaces the preset's seeds, `run_preset` its run preset (a name or a tuned preset file); with `markdown`
+    the findings, tables and provenance are also written there as Markdown."""
     from oppu.store import Store
 
     preset = customized(get_preset(preset_name), seeds, run_preset)
@@ -568,11 +737,18 @@ def build_report(preset_name: str, out: str | os.PathLike[str], overrides: Mappi
     wall = time.perf_counter() - start
     db = runs[0].cfg.db
     store = Store(db)
-    page = render(command, preset_name, preset, executed, notes, main_table(store, executed),
-                  _cells(store, executed), wall, db)
+    tables, cells = main_table(store, executed), _cells(store, executed)
     path = Path(out)
+    _write(path, render(command, preset_name, preset, executed, notes, tables, cells, wall, db))
+    if markdown is not None:
+        _write(Path(markdown), render_markdown(command, preset_name, preset, executed, notes, tables, cells, wall,
+                                               db, path.name))
+    return path
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: a killed report never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-    return path

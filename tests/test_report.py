@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from oppu.report import REPORT_PRESETS, SECTIONS, TUNING_STATEMENT, build_report, plan, users_to_run
+from oppu.report import REPORT_PRESETS, SECTIONS, TUNING_STATEMENT, build_report, findings, plan, users_to_run
 
 
 @pytest.fixture(autouse=True)
@@ -41,9 +41,15 @@ def test_tiny_report_writes_one_html_with_every_section(overrides, tmp_path):
 
     lines = []
     path = build_report("tiny", tmp_path / "out" / "report.html", overrides, command="oppu report --preset tiny",
-                        progress=False, log=lines.append)
+                        progress=False, log=lines.append, markdown=tmp_path / "RESULTS.md")
     page = path.read_text()
-    for section in (*SECTIONS, "command", "tuning", "machine", "notes", "provenance"):
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Findings" in md and "OPPU vs Non-personalized" in md and "OPPU vs RAG" in md
+    assert re.search(r"\| [+-]\d\.\d{3} \| \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] \|", md)  # a paired difference, its CI
+    for section in SECTIONS.values():
+        assert f"## {section}" in md, section
+    assert "oppu report --preset tiny" in md and "`report.html`" in md
+    for section in (*SECTIONS, "command", "tuning", "machine", "findings", "notes", "provenance"):
         assert f"id='{section}'" in page, section
     assert TUNING_STATEMENT in page and TUNING_STATEMENT in lines
     assert "oppu report --preset tiny" in page and "wall time" in page and "python" in page
@@ -91,3 +97,39 @@ def test_progress_bar_counts_users_across_runs_and_shows_time_left(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "5/6 users" in err and "<" in err and "a line above the bar" in err  # elapsed<remaining
+
+
+def test_the_demo_preset_has_the_sizes_the_claims_need(overrides):
+    """At least 12 users and 3 seeds on LaMP_2M, LaMP_3 and LaMP_7 for the main table; the analyses run smaller
+    (their own users and one seed), and Fig. 3 reuses the main table's runs."""
+    preset = REPORT_PRESETS["demo"]
+    runs, _ = plan(preset, {"db": overrides["db"], "artifacts_dir": overrides["artifacts_dir"]})
+    main = {r.task: r for r in runs if r.section == "main"}
+    assert {"LaMP_2M", "LaMP_3", "LaMP_7"} <= set(main) and len(preset.seeds) >= 3
+    assert all(r.cfg.users >= 12 and not r.seeds for r in main.values())
+    analyses = [r for r in runs if r.section not in ("main", "activity")]
+    assert analyses and all(r.seeds == (0,) and r.cfg.users == preset.analysis_users for r in analyses)
+    assert [r.cfg.history_cutoff for r in runs if r.section == "behaviour-shift"] == [None, "2021-07-01"]
+    # Fig. 3 trains nobody of its own: it is drawn from the main table's runs
+    assert users_to_run(runs, preset.seeds) == users_to_run([r for r in runs if r.section != "activity"],
+                                                            preset.seeds)
+
+
+def _difference(a, b, diff, lo, hi):
+    return {"method_a": a, "method_b": b, "label_a": a, "label_b": b, "diff": diff, "ci_low": lo, "ci_high": hi,
+            "p_value": 0.01, "wins": 1, "ties": 0, "losses": 0}
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_a_claim_holds_only_when_its_whole_interval_is_on_the_better_side(lower):
+    sign = -1 if lower else 1
+    key = [_difference("oppu", "none", sign * 0.2, *sorted((sign * 0.1, sign * 0.3))),      # wholly better
+           _difference("oppu+rag", "rag", sign * 0.1, *sorted((sign * -0.05, sign * 0.2))),  # straddles zero
+           _difference("oppu+pag", "pag", sign * -0.2, *sorted((sign * -0.3, sign * -0.1))),  # wholly worse
+           _difference("oppu", "rag", sign * -0.2, *sorted((sign * -0.3, sign * -0.1)))]
+    table = {"task": "LaMP_3" if lower else "LaMP_2M", "key": key,
+             "result": {"metric": "absolute error" if lower else "accuracy", "lower_is_better": lower}}
+    verdicts = {(f["method_a"], f["method_b"]): f["verdict"] for f in findings([table])}
+    assert verdicts == {("oppu", "none"): "holds", ("oppu+rag", "rag"): "not shown",
+                        ("oppu+pag", "pag"): "not shown", ("oppu", "rag"): "worse"}
+    assert findings([{"task": "LaMP_2M", "result": None}]) == []

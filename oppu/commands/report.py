@@ -17,6 +17,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="demo", choices=list(REPORT_PRESETS),
                         help="report size: " + "; ".join(f"{n}: {p.about}" for n, p in REPORT_PRESETS.items()))
     parser.add_argument("--out", default="report.html", help="the HTML file to write (default report.html)")
+    parser.add_argument("--markdown", help="also write the findings, tables and provenance as Markdown to this file "
+                                           "(docs/RESULTS.md is made this way)")
     parser.add_argument("--model", help="embedded:SmolLM2-135M-Instruct (default), a hub id or a local folder")
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
@@ -63,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{units['generate']} answers; about {guess['seconds'] / 60:.0f} min at the untuned default per-unit "
                   "costs of oppu.jobs.plan (a CPU step of the embedded 135M model)")
         return 0
-    command = typed_command("report", "oppu report --preset " + args.preset + " --out " + shlex.quote(args.out))
+    command = typed_command("report", "oppu report --preset " + args.preset + " --out " + shlex.quote(args.out)
+                            + (" --markdown " + shlex.quote(args.markdown) if args.markdown else ""))
     try:
         path = build_report(args.preset, args.out, overrides, command=command, progress=not args.quiet,
-                            seeds=preset.seeds, run_preset=args.run_preset)
+                            seeds=preset.seeds, run_preset=args.run_preset, markdown=args.markdown)
     except (ReportError, *usage_errors()) as exc:
         return fail("report", exc)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
