@@ -1,4 +1,4 @@
-"""Regenerate docs/RESULTS.md: the default run on every LaMP task of the demo data, one table per task.
+"""Regenerate docs/DEFAULT_RUNS.md: the default run on every LaMP task of the demo data, one table per task.
 
     python -m bench.results                 # all seven tasks, the default config (15-75 min a task on 2 cores)
     python -m bench.results --tasks LaMP_2M,LaMP_3 --users 2
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.common import ROOT, machine_info, markdown_table
 
-OUT = ROOT / "docs" / "RESULTS.md"
+OUT = ROOT / "docs" / "DEFAULT_RUNS.md"
 WORK = ROOT / "runs" / "results"
 
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -149,7 +149,7 @@ def render(results: list[dict], machine: dict, started: str, missing: Sequence[s
         f"({cfg.user_train.epochs} epochs, batch {cfg.user_train.batch_size}, lr {cfg.user_train.lr:g}); BM25 "
         f"k={cfg.retrieval.k}; cutoff {cfg.user_train.max_length} tokens."
     )
-    lines = ["# Results on the demo data", ""]
+    lines = ["# Default runs on the demo data", ""]
     for paragraph in (intro, machine_line, sizes):
         lines += [textwrap.fill(paragraph, width=116, break_on_hyphens=False), ""]
     for result in results:
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help="comma list of task ids to run (default: all seven); the file shows every task stored")
     parser.add_argument("--users", type=int, default=None, help="test users per task (default: the config's)")
-    parser.add_argument("--out", default=str(OUT), help="where to write the Markdown (default: docs/RESULTS.md)")
+    parser.add_argument("--out", default=str(OUT), help="where to write the Markdown (default: docs/DEFAULT_RUNS.md)")
     parser.add_argument("--render-only", action="store_true",
                         help="write the file from the newest finished runs in runs/results/ without running anything")
     args = parser.parse_args(argv)

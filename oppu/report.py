@@ -263,9 +263,49 @@ class ReportProgress:
             self.bar.close()
 
 
+_FREE = ("tag", "seed_group", "methods", "db", "artifacts_dir", "data_dir")
+"""Config keys a stored run may differ in and still give a planned run its answers (the data is compared by its
+fingerprint, the methods as a superset)."""
+
+
+def _answer_key(config: Mapping[str, Any]) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in _FREE}, sort_keys=True, default=str)
+
+
+def stored_answers(store, run: PlannedRun, seeds: Sequence[int]) -> tuple[list[str], float] | None:
+    """Run ids (one per seed, in seed order) of finished runs in the store that answered exactly this planned run:
+    the same config up to names and paths, every planned method, the same data. None when any seed is missing:
+    a report run again after a kill, or to re-render, redoes only what it has not finished. With the ids, the
+    seconds those runs took (created to finished)."""
+    from oppu.data import load_task_data
+    from oppu.experiment import portable_config
+
+    stored = store.runs()
+    stored = stored[(stored["status"] == "done") & (stored["task"] == run.task)]
+    if stored.empty:
+        return None
+    fingerprint = load_task_data(run.cfg.data_dir, run.task).fingerprint
+    found, seconds = [], 0.0
+    for seed in run.seeds or tuple(seeds):
+        want = _answer_key(portable_config(_seeded(run.cfg, seed)))
+        match = None
+        for row in stored.itertuples():
+            config = json.loads(row.config)
+            if (row.data_fingerprint == fingerprint and set(run.cfg.methods) <= set(config.get("methods", ()))
+                    and _answer_key(config) == want):
+                match = row
+                break
+        if match is None:
+            return None
+        found.append(match.run_id)
+        seconds += max((match.finished - match.created).total_seconds(), 0.0)
+    return found, seconds
+
+
 def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportProgress | None = None,
-            log: Callable[[str], None] = lambda line: None) -> list[ExecutedRun]:
-    """Run every planned run (once per seed), reusing an earlier run of the same config; in plan order."""
+            log: Callable[[str], None] = lambda line: None, store=None) -> list[ExecutedRun]:
+    """Run every planned run (once per seed), reusing an earlier run of the same config, of this report or
+    finished in `store` before (`stored_answers`); in plan order."""
     from oppu.experiment import run_experiment
     from oppu.replicates import run_seeds
 
@@ -281,6 +321,16 @@ def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportPr
             out.append(ExecutedRun(run, source.run_ids, 0.0, f"{source.planned.section} {source.planned.label}"))
             if progress is not None:
                 progress.finish_run(0)
+            continue
+        finished = stored_answers(store, run, seeds) if store is not None else None
+        if finished is not None:
+            ids, seconds = finished
+            log(f"{what}: already in the store ({', '.join(ids)})")
+            executed = ExecutedRun(run, ids, seconds, "finished earlier")
+            if progress is not None:
+                progress.finish_run(expected_users(run.cfg) * len(run_seeds_))
+            done[key] = (set(run.cfg.methods), executed)
+            out.append(executed)
             continue
         log(f"{what}: {', '.join(run.cfg.methods)}")
         if progress is not None:
@@ -301,10 +351,9 @@ def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportPr
 
 
 def _seeded(cfg: RunConfig, seed: int) -> RunConfig:
-    import dataclasses
+    from oppu.replicates import with_seed
 
-    return cfg.replace(user_train=dataclasses.replace(cfg.user_train, seed=seed),
-                       generation=dataclasses.replace(cfg.generation, seed=seed))
+    return with_seed(cfg, seed, cfg.seed_group)
 
 
 def expected_users(cfg: RunConfig) -> int:
@@ -530,6 +579,16 @@ def _main_section(tables: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def _times(executed: Sequence[ExecutedRun], wall_s: float) -> str:
+    """The wall time, and the runs' own times when some were finished by an earlier invocation."""
+    earlier = [r for r in executed if r.reused == "finished earlier"]
+    if not earlier:
+        return f"Wall time {wall_s / 60:.1f} min"
+    runs_s = sum(r.seconds for r in executed)
+    return (f"Wall time {wall_s / 60:.1f} min of this invocation; {len(earlier)} of the runs had finished in the "
+            f"store before it: all runs together took {runs_s / 60:.1f} min")
+
+
 FINDINGS_HEAD = ["task", "comparison", "difference", "95% CI", "p", "won / tied / lost", "verdict"]
 
 
@@ -590,7 +649,7 @@ def render(command: str, preset_name: str, preset: ReportPreset, executed: Seque
             "<section id='tuning'><h2>Tuning</h2><p>" + _esc(tuning_statement(preset.run_preset))
             + "</p></section>",
             "<section id='machine'><h2>Machine and time</h2>"
-            + _table(["", ""], [*machine().items(), ("wall time", f"{wall_s:.1f} s"),
+            + _table(["", ""], [*machine().items(), ("time", _times(executed, wall_s)),
                                 ("seeds", ", ".join(map(str, preset.seeds))),
                                 ("created", time.strftime("%Y-%m-%d %H:%M:%S %Z"))]) + "</section>"]
     body.append("<section id='findings'><h2>Findings</h2>" + _findings_section(findings(tables)) + "</section>")
@@ -635,16 +694,17 @@ def render_markdown(command: str, preset_name: str, preset: ReportPreset, execut
     from oppu.metrics import row_score_name
 
     info = machine()
-    lines = [f"# Results on the demo data: `oppu report --preset {preset_name}`", "",
-             f"Generated by `{command}` (do not edit by hand); the figures are in the HTML file it wrote "
-             f"(`{html_name}`). {preset.about}", "",
-             f"Machine: {info['cpu']}, {info['cpus']} cores, torch {info.get('torch', '?')} with "
-             f"{info.get('torch threads', '?')} threads, accelerator {info.get('accelerator', 'none')}. "
-             f"Wall time {wall_s / 60:.1f} min. Seeds {', '.join(map(str, preset.seeds))}. "
-             f"Created {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
-             "Intervals are 95% bootstrap intervals that resample users (their queries with them) and seeds; "
-             "paired differences compare two methods on the same queries and seeds, with a user-level sign-flip "
-             "permutation p-value.", "", "## Tuning", "", tuning_statement(preset.run_preset), "",
+    data = executed[0].planned.cfg.data_dir if executed else "?"
+    lines = [f"# Results: `oppu report --preset {preset_name}`", "",
+             (f"Generated by `{command}` on the data in `{data}` (do not edit by hand); the figures are in the "
+              f"HTML file it wrote (`{html_name}`). {preset.about}"), "",
+             (f"Machine: {info['cpu']}, {info['cpus']} cores, torch {info.get('torch', '?')} with "
+              f"{info.get('torch threads', '?')} threads, accelerator {info.get('accelerator', 'none')}. "
+              f"{_times(executed, wall_s)}. Seeds {', '.join(map(str, preset.seeds))}. "
+              f"Created {time.strftime('%Y-%m-%d %H:%M %Z')}."), "",
+             ("Intervals are 95% bootstrap intervals that resample users (their queries with them) and seeds; "
+              "paired differences compare two methods on the same queries and seeds, with a user-level sign-flip "
+              "permutation p-value."), "", "## Tuning", "", tuning_statement(preset.run_preset), "",
              "## Findings", ""]
     found = findings(tables)
     if found:
@@ -676,8 +736,8 @@ def render_markdown(command: str, preset_name: str, preset: ReportPreset, execut
                    for c in names)] for r in res["summary"]]
         lines += [_md_table(["method", f"per-query {res['metric']} ({side} is better), mean [95% CI]",
                              *(f"{c} (official, mean over seeds)" for c in names)], rows), "",
-                  f"{res['summary'][0]['n_users']} users, {res['summary'][0]['n_queries']} queries, seeds "
-                  f"{', '.join(map(str, res['seeds']))}; runs {', '.join(f'`{r}`' for r in t['run'].run_ids)}.",
+                  (f"{res['summary'][0]['n_users']} users, {res['summary'][0]['n_queries']} queries, seeds "
+                   f"{', '.join(map(str, res['seeds']))}; runs {', '.join(f'`{r}`' for r in t['run'].run_ids)}."),
                   ""]
     for section in (s for s in SECTIONS if s != "main"):
         lines += [f"## {SECTIONS[section]}", ""]
@@ -729,14 +789,14 @@ def build_report(preset_name: str, out: str | os.PathLike[str], overrides: Mappi
     for note in notes:
         log(f"note: {note}")
     start = time.perf_counter()
+    db = runs[0].cfg.db
+    store = Store(db)
     bar = ReportProgress(users_to_run(runs, preset.seeds), enabled=progress)
     try:
-        executed = execute(runs, preset.seeds, bar, log=bar.write if progress else log)
+        executed = execute(runs, preset.seeds, bar, log=bar.write if progress else log, store=store)
     finally:
         bar.close()
     wall = time.perf_counter() - start
-    db = runs[0].cfg.db
-    store = Store(db)
     tables, cells = main_table(store, executed), _cells(store, executed)
     path = Path(out)
     _write(path, render(command, preset_name, preset, executed, notes, tables, cells, wall, db))

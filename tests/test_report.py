@@ -52,7 +52,7 @@ def test_tiny_report_writes_one_html_with_every_section(overrides, tmp_path):
     for section in (*SECTIONS, "command", "tuning", "machine", "findings", "notes", "provenance"):
         assert f"id='{section}'" in page, section
     assert TUNING_STATEMENT in page and TUNING_STATEMENT in lines
-    assert "oppu report --preset tiny" in page and "wall time" in page and "python" in page
+    assert "oppu report --preset tiny" in page and "Wall time" in page and "python" in page
     # plotly.js inlined once, nothing fetched from the network
     assert page.count("plotly.js v") >= 1 and "<script src=" not in page and "<link" not in page
     figures = re.findall(r'<div id="(fig-[^"]+)"', page)
@@ -67,6 +67,14 @@ def test_tiny_report_writes_one_html_with_every_section(overrides, tmp_path):
         assert run_id in page  # every run's id, next to its config
     assert '"user_train"' in page  # the configs themselves
     assert any("reuses the answers" in line for line in lines)
+
+    # run again on the same store (after a kill, or to re-render): nothing is trained again, the same runs are read
+    again = []
+    build_report("tiny", tmp_path / "again.html", overrides, command="oppu report --preset tiny", progress=False,
+                 log=again.append, markdown=tmp_path / "again.md")
+    assert len(Store(overrides["db"]).runs()) == len(runs)
+    assert any("already in the store" in line for line in again)
+    assert "had finished in the store before it" in (tmp_path / "again.md").read_text()
 
 
 def test_report_command_dry_run_and_bad_preset(overrides, capsys):
