@@ -221,7 +221,11 @@ class ReportProgress:
         self.enabled = enabled
         self.bar = None
         self.offset = 0
+        """Users of the runs finished before the current one."""
+        self.seed_base = 0
+        """Users of the current run's earlier seeds (`run_seeds` reports each seed's users from 0 again)."""
         self.current = 0
+        self.last_total = 0
         self.what = ""
         if enabled:
             from tqdm import tqdm
@@ -244,16 +248,18 @@ class ReportProgress:
 
     def __call__(self, stage: str, step: int, total: int, loss: float | None) -> None:
         if stage == "users":
-            self.current = step
+            if step < self.current:  # the next seed's run of the same config began
+                self.seed_base += self.last_total
+            self.current, self.last_total = step, total
             if self.bar is not None:
-                self.bar.n = self.offset + step
+                self.bar.n = self.offset + self.seed_base + step
                 self.bar.refresh()
         elif self.bar is not None:
             self.bar.set_postfix_str(f"{self.what} · {stage} {step}/{total}")
 
     def finish_run(self, users: int) -> None:
         self.offset += users
-        self.current = 0
+        self.seed_base = self.current = self.last_total = 0
         if self.bar is not None:
             self.bar.n = self.offset
             self.bar.refresh()

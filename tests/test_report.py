@@ -92,7 +92,7 @@ def test_report_command_dry_run_and_bad_preset(overrides, capsys):
 def test_progress_bar_counts_users_across_runs_and_shows_time_left(capsys):
     from oppu.report import ReportProgress
 
-    bar = ReportProgress(6)
+    bar = ReportProgress(10)
     bar.start("[1/2] main LaMP_2M")
     bar("user:alice:plain", 3, 12, 0.5)
     bar("users", 1, 2, None)
@@ -101,10 +101,14 @@ def test_progress_bar_counts_users_across_runs_and_shows_time_left(capsys):
     bar.start("[2/2] k LaMP_2M k=2")
     bar("users", 3, 4, None)
     assert bar.bar.n == 5
+    bar("users", 4, 4, None)
+    bar("users", 0, 4, None)  # the same run's next seed reports its users from 0 again
+    bar("users", 1, 4, None)
+    assert bar.bar.n == 2 + 4 + 1
     bar.write("a line above the bar")
     bar.close()
     err = capsys.readouterr().err
-    assert "5/6 users" in err and "<" in err and "a line above the bar" in err  # elapsed<remaining
+    assert "7/10 users" in err and "<" in err and "a line above the bar" in err  # elapsed<remaining
 
 
 def test_the_demo_preset_has_the_sizes_the_claims_need(overrides):
