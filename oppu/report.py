@@ -449,7 +449,8 @@ def main_table(store, executed: Sequence[ExecutedRun]) -> list[dict[str, Any]]:
         metrics = pd.concat([store.run_metrics(r) for r in run.run_ids], ignore_index=True)
         lamp = metrics.groupby(["method", "metric"], as_index=False)["value"].mean()
         out.append({"task": run.planned.task, "run": run, "result": result, "lamp": lamp,
-                    "key": key_differences(scores, not result["lower_is_better"])})
+                    "key": key_differences(scores, not result["lower_is_better"]),
+                    "spread": store.answer_spread(run.run_ids).set_index("method")})
     return out
 
 
@@ -540,6 +541,21 @@ def _figure(fig, div_id: str) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"responsive": True})
 
 
+def _spread_cells(t: Mapping[str, Any], method: str) -> list[str]:
+    """Distinct answers, and the most common one with its share: a method that answers every query alike has
+    learnt the answer's format, not the task."""
+    spread = t.get("spread")
+    if spread is None or method not in spread.index:
+        return ["–", "–"]
+    row = spread.loc[method]
+    top = str(row["top_answer"])
+    top = top if len(top) <= 32 else top[:31] + "…"
+    return [f"{int(row['distinct'])} of {int(row['answers'])}", f"{top!r} ({row['top_share']:.0%})"]
+
+
+SPREAD_HEAD = ["distinct answers", "most common answer (share)"]
+
+
 def _main_section(tables: list[dict[str, Any]]) -> str:
     from oppu.uncertainty import difference_line, format_p
 
@@ -579,9 +595,9 @@ def _main_section(tables: list[dict[str, Any]]) -> str:
         if not lamp.empty:
             wide = lamp.pivot(index="method", columns="metric", values="value")
             names = [c for c in wide.columns if not c.startswith("lenient_")]
-            parts.append(_table(["method (official LaMP metrics, mean over seeds)", *names],
-                                [[method_label(m), *(f"{wide.loc[m, c]:.4f}" for c in names)]
-                                 for m in PAPER_METHODS if m in wide.index]))
+            parts.append(_table(["method (official LaMP metrics, mean over seeds)", *names, *SPREAD_HEAD],
+                                [[method_label(m), *(f"{wide.loc[m, c]:.4f}" for c in names),
+                                  *_spread_cells(t, m)] for m in PAPER_METHODS if m in wide.index]))
     return "\n".join(parts)
 
 
@@ -739,9 +755,9 @@ def render_markdown(command: str, preset_name: str, preset: ReportPreset, execut
         side = "lower" if res["lower_is_better"] else "higher"
         rows = [[r["label"], f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
                  *(f"{wide.loc[r['method'], c]:.4f}" if wide is not None and r["method"] in wide.index else "–"
-                   for c in names)] for r in res["summary"]]
+                   for c in names), *_spread_cells(t, r["method"])] for r in res["summary"]]
         lines += [_md_table(["method", f"per-query {res['metric']} ({side} is better), mean [95% CI]",
-                             *(f"{c} (official, mean over seeds)" for c in names)], rows), "",
+                             *(f"{c} (official, mean over seeds)" for c in names), *SPREAD_HEAD], rows), "",
                   (f"{res['summary'][0]['n_users']} users, {res['summary'][0]['n_queries']} queries, seeds "
                    f"{', '.join(map(str, res['seeds']))}; runs {', '.join(f'`{r}`' for r in t['run'].run_ids)}."),
                   ""]

@@ -456,6 +456,19 @@ class Store:
                 WHERE p.run_id IN ({marks}) AND p.{correct} IS NOT NULL
                 ORDER BY p.run_id, p.user_id, p.query_id, p.method""", run_ids)
 
+    def answer_spread(self, run_ids: Sequence[str]) -> pd.DataFrame:
+        """Per method of the given runs: how varied its answers are (a base that answers every query alike has
+        learnt the format, not the task). Columns: method, answers, distinct, top_answer, top_share."""
+        run_ids = [str(r) for r in run_ids] or [""]
+        marks = ", ".join("?" * len(run_ids))
+        return self._read(
+            f"""WITH counted AS (
+                    SELECT method, output, count(*) AS c FROM predictions WHERE run_id IN ({marks})
+                    GROUP BY method, output)
+                SELECT method, sum(c)::BIGINT AS answers, count(*)::BIGINT AS distinct,
+                       arg_max(output, c) AS top_answer, max(c) / sum(c) AS top_share
+                FROM counted GROUP BY method ORDER BY method""", run_ids)
+
     def analysis_cells(self, task: str, scoring: str = "official") -> pd.DataFrame:
         """Per run, user and method of a task: the sum `s` and count `n` of the per-row scores under `scoring`,
         with every setting an analysis varies (`k`, `peft`, the config's `history_cutoff` and `history_format`,

@@ -49,6 +49,7 @@ def test_tiny_report_writes_one_html_with_every_section(overrides, tmp_path):
     for section in SECTIONS.values():
         assert f"## {section}" in md, section
     assert "oppu report --preset tiny" in md and "`report.html`" in md
+    assert "most common answer (share)" in md and "most common answer (share)" in page
     for section in (*SECTIONS, "command", "tuning", "machine", "findings", "notes", "provenance"):
         assert f"id='{section}'" in page, section
     assert TUNING_STATEMENT in page and TUNING_STATEMENT in lines

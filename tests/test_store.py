@@ -327,3 +327,13 @@ def test_oppu_results_shows_the_official_metric_unless_asked(store, capsys):
     assert main(["results", "--db", store.path, "--scoring", "both"]) == 0
     out = capsys.readouterr().out
     assert "lenient_accuracy" in out and "accuracy" in out
+
+
+def test_answer_spread_counts_distinct_answers_and_the_most_common(store):
+    store.add_predictions([_row(query=f"q{i}", method="none", output="1") for i in range(4)]
+                          + [_row(query=f"q{i}", method="oppu", output=str(i % 2 + 3)) for i in range(3)]
+                          + [_row(run_id="other", query="q9", method="none", output="5")])
+    spread = store.answer_spread(["r1"]).set_index("method")
+    assert spread.loc["none"].to_dict() == {"answers": 4, "distinct": 1, "top_answer": "1", "top_share": 1.0}
+    assert (spread.loc["oppu", "answers"], spread.loc["oppu", "distinct"]) == (3, 2)
+    assert spread.loc["oppu", "top_answer"] == "3" and spread.loc["oppu", "top_share"] == 2 / 3
