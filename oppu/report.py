@@ -315,13 +315,13 @@ def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportPr
     from oppu.experiment import run_experiment
     from oppu.replicates import run_seeds
 
-    done: dict[str, tuple[set[str], ExecutedRun]] = {}
+    done: dict[str, list[tuple[set[str], ExecutedRun]]] = {}
     out = []
     for i, run in enumerate(runs, 1):
         key, run_seeds_ = _reuse_key(run, seeds), run.seeds or tuple(seeds)
-        earlier = done.get(key)
+        earlier = next((e for e in done.get(key, ()) if set(run.cfg.methods) <= e[0]), None)
         what = f"[{i}/{len(runs)}] {run.section} {run.task} {run.label}"
-        if earlier is not None and set(run.cfg.methods) <= earlier[0]:
+        if earlier is not None:
             source = earlier[1]
             log(f"{what}: reuses the answers of {source.planned.section} {source.planned.label}")
             out.append(ExecutedRun(run, source.run_ids, 0.0, f"{source.planned.section} {source.planned.label}"))
@@ -335,7 +335,7 @@ def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportPr
             executed = ExecutedRun(run, ids, seconds, "finished earlier")
             if progress is not None:
                 progress.finish_run(expected_users(run.cfg) * len(run_seeds_))
-            done[key] = (set(run.cfg.methods), executed)
+            done.setdefault(key, []).append((set(run.cfg.methods), executed))
             out.append(executed)
             continue
         log(f"{what}: {', '.join(run.cfg.methods)}")
@@ -351,7 +351,7 @@ def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportPr
         executed = ExecutedRun(run, run_ids, time.perf_counter() - start)
         if progress is not None:
             progress.finish_run(expected_users(run.cfg) * len(run_seeds_))
-        done[key] = (set(run.cfg.methods), executed)
+        done.setdefault(key, []).append((set(run.cfg.methods), executed))
         out.append(executed)
     return out
 
@@ -368,13 +368,13 @@ def expected_users(cfg: RunConfig) -> int:
 
 def users_to_run(runs: Sequence[PlannedRun], seeds: Sequence[int]) -> int:
     """Users the report trains and answers (reused runs not counted): the progress bar's total."""
-    seen: dict[str, set[str]] = {}
+    seen: dict[str, list[set[str]]] = {}
     total = 0
     for run in runs:
         key = _reuse_key(run, seeds)
-        if key in seen and set(run.cfg.methods) <= seen[key]:
+        if any(set(run.cfg.methods) <= methods for methods in seen.get(key, ())):
             continue
-        seen[key] = set(run.cfg.methods)
+        seen.setdefault(key, []).append(set(run.cfg.methods))
         total += expected_users(run.cfg) * len(run.seeds or seeds)
     return total
 
@@ -390,13 +390,13 @@ def estimate(runs: Sequence[PlannedRun], seeds: Sequence[int], unit_s: Mapping[s
 
     data: dict[tuple[str, str], Any] = {}
     adapted: set[str] = set()
-    seen: dict[str, set[str]] = {}
+    seen: dict[str, list[set[str]]] = {}
     stages = []
     for run in runs:
         key = _reuse_key(run, seeds)
-        if key in seen and set(run.cfg.methods) <= seen[key]:
+        if any(set(run.cfg.methods) <= methods for methods in seen.get(key, ())):
             continue
-        seen[key] = set(run.cfg.methods)
+        seen.setdefault(key, []).append(set(run.cfg.methods))
         where = (run.cfg.data_dir, run.task)
         if where not in data:
             data[where] = load_task_data(*where)

@@ -146,3 +146,18 @@ def test_a_claim_holds_only_when_its_whole_interval_is_on_the_better_side(lower)
     assert verdicts == {("oppu", "none"): "holds", ("oppu+rag", "rag"): "not shown",
                         ("oppu+pag", "pag"): "not shown", ("oppu", "rag"): "worse"}
     assert findings([{"task": "LaMP_2M", "result": None}]) == []
+
+
+def test_a_run_is_reused_by_any_earlier_run_that_answered_all_its_methods():
+    """Not only by the latest one of the same config: k=1 (rag, oppu+rag), then the full-history point of the
+    behaviour shift (none, oppu, oppu+rag), then the LoRA point of the PEFT analysis (oppu) and the full format
+    (rag, oppu+rag): the last two run nothing."""
+    from oppu.config import RunConfig
+    from oppu.report import PlannedRun
+
+    cfg = RunConfig(users=4)
+    runs = [PlannedRun(section, "LaMP_2M", label, cfg.replace(methods=methods, tag=f"report:{section}"))
+            for section, label, methods in (("k", "k=1", ("rag", "oppu+rag")),
+                                            ("behaviour-shift", "full history", ("none", "oppu", "oppu+rag")),
+                                            ("peft", "lora", ("oppu",)), ("history-format", "full", ("rag", "oppu+rag")))]
+    assert users_to_run(runs, (0, 1)) == 2 * 4 * 2
