@@ -631,6 +631,13 @@ def _findings_section(found: Sequence[Mapping[str, Any]]) -> str:
             "RAG, reported whatever it shows.</p>" + _table(FINDINGS_HEAD, [_finding_row(f) for f in found]))
 
 
+def _setting(row: Mapping[str, Any], by: str) -> str:
+    """An analysis table's first cell: the knob's value; an activity bin with the history sizes it spans."""
+    if by == "bin":
+        return f"{row['bin']} ({row['history_min']}-{row['history_max']} history items)"
+    return str(row[by]) if row[by] != "" else "(none)"
+
+
 def _analysis_section(section: str, cells, metric_of: Callable[[str], tuple[str, bool]]) -> str:
     from dashboard import charts  # the dashboard's pure figure builders, so the report draws the same figures
 
@@ -650,7 +657,7 @@ def _analysis_section(section: str, cells, metric_of: Callable[[str], tuple[str,
         out.append(_figure(fig, f"fig-{section}-{task}"))
         shown = frame.rename(columns={"score": "mean"})
         out.append(_table([by, "method", "mean", "95% CI", "users", "queries", "runs"],
-                          [[r[by] if r[by] != "" else "(none)", method_label(r["method"]), f"{r['mean']:.3f}",
+                          [[_setting(r, by), method_label(r["method"]), f"{r['mean']:.3f}",
                             f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["n_users"], r["n_queries"], r["n_runs"]]
                            for _, r in shown.iterrows()]))
     return "\n".join(out)
@@ -773,7 +780,7 @@ def render_markdown(command: str, preset_name: str, preset: ReportPreset, execut
             metric, lower = row_score_name(task)
             lines += [f"{task}, per-query {metric} ({'lower' if lower else 'higher'} is better):", "",
                       _md_table([by, "method", "mean [95% CI]", "users", "queries", "runs"],
-                                [[r[by] if r[by] != "" else "(none)", method_label(r["method"]),
+                                [[_setting(r, by), method_label(r["method"]),
                                   f"{r['score']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["n_users"],
                                   r["n_queries"], r["n_runs"]] for _, r in frame.iterrows()]), ""]
     lines += ["## Runs", "", _md_table(["section", "task", "setting", "wall time", "reused", "run ids"],
