@@ -278,42 +278,58 @@ def _answer_key(config: Mapping[str, Any]) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in _FREE}, sort_keys=True, default=str)
 
 
-def stored_answers(store, run: PlannedRun, seeds: Sequence[int]) -> tuple[list[str], float] | None:
-    """Run ids (one per seed, in seed order) of finished runs in the store that answered exactly this planned run:
-    the same config up to names and paths, every planned method, the same data. None when any seed is missing:
-    a report run again after a kill, or to re-render, redoes only what it has not finished. With the ids, the
-    seconds those runs took (created to finished)."""
-    from oppu.data import load_task_data
-    from oppu.experiment import portable_config
+FINISHED_EARLIER = "finished earlier"
+"""`ExecutedRun.reused` of a run whose answers a store held before this report started."""
 
-    stored = store.runs()
-    stored = stored[(stored["status"] == "done") & (stored["task"] == run.task)]
-    if stored.empty:
-        return None
-    fingerprint = load_task_data(run.cfg.data_dir, run.task).fingerprint
-    found, seconds = [], 0.0
-    for seed in run.seeds or tuple(seeds):
-        want = _answer_key(portable_config(_seeded(run.cfg, seed)))
-        match = None
-        for row in stored.itertuples():
+
+class FinishedRuns:
+    """The finished runs of a store, by their config up to names and paths (`_answer_key`), read once: a report
+    run again after a kill, or to re-render, redoes only what it has not finished."""
+
+    def __init__(self, store):
+        runs = store.runs()  # newest first: the newest of equal runs is the one found
+        self.by_key: dict[str, list[tuple[set[str], Any]]] = {}
+        for row in runs[runs["status"] == "done"].itertuples():
             config = json.loads(row.config)
-            if (row.data_fingerprint == fingerprint and set(run.cfg.methods) <= set(config.get("methods", ()))
-                    and _answer_key(config) == want):
-                match = row
-                break
-        if match is None:
+            self.by_key.setdefault(_answer_key(config), []).append((set(config.get("methods", ())), row))
+        self.fingerprints: dict[tuple[str, str], str] = {}
+
+    def _fingerprint(self, data_dir: str, task: str) -> str:
+        from oppu.data import load_task_data
+
+        if (data_dir, task) not in self.fingerprints:
+            self.fingerprints[(data_dir, task)] = load_task_data(data_dir, task).fingerprint
+        return self.fingerprints[(data_dir, task)]
+
+    def answers(self, run: PlannedRun, seeds: Sequence[int]) -> tuple[list[str], float] | None:
+        """Run ids (one per seed, in seed order) of finished runs that answered exactly this planned run: the
+        same config up to names and paths, every planned method, the same data; with the seconds they took
+        (created to finished). None when any seed is missing."""
+        from oppu.experiment import portable_config
+
+        if not self.by_key:
             return None
-        found.append(match.run_id)
-        seconds += max((match.finished - match.created).total_seconds(), 0.0)
-    return found, seconds
+        found, seconds = [], 0.0
+        for seed in run.seeds or tuple(seeds):
+            candidates = self.by_key.get(_answer_key(portable_config(_seeded(run.cfg, seed))), ())
+            match = next((row for methods, row in candidates
+                          if set(run.cfg.methods) <= methods and row.task == run.task
+                          and row.data_fingerprint == self._fingerprint(run.cfg.data_dir, run.task)), None)
+            if match is None:
+                return None
+            found.append(match.run_id)
+            seconds += max((match.finished - match.created).total_seconds(), 0.0)
+        return found, seconds
 
 
 def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportProgress | None = None,
             log: Callable[[str], None] = lambda line: None, store=None) -> list[ExecutedRun]:
     """Run every planned run (once per seed), reusing an earlier run of the same config, of this report or
-    finished in `store` before (`stored_answers`); in plan order."""
+    finished in `store` before (`FinishedRuns`); in plan order."""
     from oppu.experiment import run_experiment
     from oppu.replicates import run_seeds
+
+    finished_runs = FinishedRuns(store) if store is not None else None
 
     done: dict[str, list[tuple[set[str], ExecutedRun]]] = {}
     out = []
@@ -328,11 +344,11 @@ def execute(runs: Sequence[PlannedRun], seeds: Sequence[int], progress: ReportPr
             if progress is not None:
                 progress.finish_run(0)
             continue
-        finished = stored_answers(store, run, seeds) if store is not None else None
+        finished = finished_runs.answers(run, seeds) if finished_runs is not None else None
         if finished is not None:
             ids, seconds = finished
             log(f"{what}: already in the store ({', '.join(ids)})")
-            executed = ExecutedRun(run, ids, seconds, "finished earlier")
+            executed = ExecutedRun(run, ids, seconds, FINISHED_EARLIER)
             if progress is not None:
                 progress.finish_run(expected_users(run.cfg) * len(run_seeds_))
             done.setdefault(key, []).append((set(run.cfg.methods), executed))
@@ -366,17 +382,23 @@ def expected_users(cfg: RunConfig) -> int:
     return len(cfg.user_ids) if cfg.user_ids else int(cfg.users or 1)
 
 
-def users_to_run(runs: Sequence[PlannedRun], seeds: Sequence[int]) -> int:
-    """Users the report trains and answers (reused runs not counted): the progress bar's total."""
+def runs_of_their_own(runs: Sequence[PlannedRun], seeds: Sequence[int]) -> list[PlannedRun]:
+    """The planned runs that `execute` runs itself: not those an earlier run of the same config (`_reuse_key`)
+    that answered all their methods serves."""
     seen: dict[str, list[set[str]]] = {}
-    total = 0
+    out = []
     for run in runs:
         key = _reuse_key(run, seeds)
         if any(set(run.cfg.methods) <= methods for methods in seen.get(key, ())):
             continue
         seen.setdefault(key, []).append(set(run.cfg.methods))
-        total += expected_users(run.cfg) * len(run.seeds or seeds)
-    return total
+        out.append(run)
+    return out
+
+
+def users_to_run(runs: Sequence[PlannedRun], seeds: Sequence[int]) -> int:
+    """Users the report trains and answers (reused runs not counted): the progress bar's total."""
+    return sum(expected_users(run.cfg) * len(run.seeds or seeds) for run in runs_of_their_own(runs, seeds))
 
 
 def estimate(runs: Sequence[PlannedRun], seeds: Sequence[int], unit_s: Mapping[str, float] | None = None
@@ -390,13 +412,8 @@ def estimate(runs: Sequence[PlannedRun], seeds: Sequence[int], unit_s: Mapping[s
 
     data: dict[tuple[str, str], Any] = {}
     adapted: set[str] = set()
-    seen: dict[str, list[set[str]]] = {}
     stages = []
-    for run in runs:
-        key = _reuse_key(run, seeds)
-        if any(set(run.cfg.methods) <= methods for methods in seen.get(key, ())):
-            continue
-        seen.setdefault(key, []).append(set(run.cfg.methods))
+    for run in runs_of_their_own(runs, seeds):
         where = (run.cfg.data_dir, run.task)
         if where not in data:
             data[where] = load_task_data(*where)
@@ -484,6 +501,11 @@ def findings(tables: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 out.append({"task": t["task"], "metric": t["result"]["metric"], "higher_is_better": higher,
                             "kind": kind, "verdict": verdict, **d})
     return out
+
+
+ANALYSIS_BY = {"activity": "bin", "k": "k", "behaviour-shift": "history_cutoff", "history-format": "history_format",
+               "peft": "peft"}
+"""Each analysis section's column of `section_frame` (the knob its chart is drawn over)."""
 
 
 def section_frame(cells, section: str, by: str):
@@ -603,7 +625,7 @@ def _main_section(tables: list[dict[str, Any]]) -> str:
 
 def _times(executed: Sequence[ExecutedRun], wall_s: float) -> str:
     """The wall time, and the runs' own times when some were finished by an earlier invocation."""
-    earlier = [r for r in executed if r.reused == "finished earlier"]
+    earlier = [r for r in executed if r.reused == FINISHED_EARLIER]
     if not earlier:
         return f"Wall time {wall_s / 60:.1f} min"
     runs_s = sum(r.seconds for r in executed)
@@ -641,10 +663,9 @@ def _setting(row: Mapping[str, Any], by: str) -> str:
 def _analysis_section(section: str, cells, metric_of: Callable[[str], tuple[str, bool]]) -> str:
     from dashboard import charts  # the dashboard's pure figure builders, so the report draws the same figures
 
-    by, chart = {"activity": ("bin", charts.activity_curve), "k": ("k", charts.k_sweep),
-                 "behaviour-shift": ("history_cutoff", charts.behaviour_shift),
-                 "history-format": ("history_format", charts.history_format),
-                 "peft": ("peft", charts.peft_comparison)}[section]
+    by = ANALYSIS_BY[section]
+    chart = {"activity": charts.activity_curve, "k": charts.k_sweep, "behaviour-shift": charts.behaviour_shift,
+             "history-format": charts.history_format, "peft": charts.peft_comparison}[section]
     part = cells[cells["section"] == section] if not cells.empty else cells
     if part.empty:
         return "<p class='note'>Not run (see the notes above).</p>"
@@ -710,11 +731,6 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
 
 
-ANALYSIS_BY = {"activity": "bin", "k": "k", "behaviour-shift": "history_cutoff", "history-format": "history_format",
-               "peft": "peft"}
-"""Each analysis section's column of `section_frame` (the knob its chart is drawn over)."""
-
-
 def render_markdown(command: str, preset_name: str, preset: ReportPreset, executed: Sequence[ExecutedRun],
                     notes: Sequence[str], tables: list[dict[str, Any]], cells, wall_s: float, db: str,
                     html_name: str) -> str:
@@ -738,9 +754,9 @@ def render_markdown(command: str, preset_name: str, preset: ReportPreset, execut
     found = findings(tables)
     if found:
         lines += [_md_table(FINDINGS_HEAD, [_finding_row(f) for f in found]), ""]
-        for kind, title in (("claim", "Claims that hold"), ("claim-not", "Claims not shown")):
-            want = [f for f in found if f["kind"] == "claim"
-                    and (f["verdict"] == "holds") == (kind == "claim")]
+        claims = [f for f in found if f["kind"] == "claim"]
+        for title, holds in (("Claims that hold", True), ("Claims not shown", False)):
+            want = [f for f in claims if (f["verdict"] == "holds") == holds]
             if want:
                 lines.append(f"{title}: " + "; ".join(f"{f['task']} {f['label_a']} vs {f['label_b']}"
                                                      for f in want) + ".")
