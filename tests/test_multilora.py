@@ -549,3 +549,30 @@ def test_factors_stay_fp32_over_a_bf16_base(base, states):
     before = ml.state_dict("ann")
     train_users_batched(ml, {"ann": user_batches(1, 4)}, lr=1e-3, pad_id=0)
     assert any(not torch.equal(before[k], ml.state_dict("ann")[k]) for k in before)
+
+
+def test_bf16_training_on_a_cpu_runs_eager_attention_and_casts_each_layer_input_once(base, states):
+    """A 16-bit model on a CPU trains with eager attention (`oppu.train.training_attention`: the CPU flash
+    backward was the slow part) and is back on its own attention after; q_proj and v_proj, reading the same
+    hidden states, share one fp32 copy of them for the LoRA path instead of keeping one each for backward."""
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    own = bf16.config._attn_implementation
+    ml = MultiLora(bf16, capacity=2)
+    ml.load_state_dict("ann", states["ann"], alpha=8, r=8)
+    seen, inputs = [], {}
+    layer = bf16.model.layers[0]
+
+    def keep_lora_input(name):
+        def hook(module, args, out):  # returns None: the output stays the module's
+            inputs.setdefault(name, ml.active_route.cast[1])
+        return hook
+
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))]
+    hooks += [getattr(layer.self_attn, name).register_forward_hook(keep_lora_input(name))
+              for name in ("q_proj", "v_proj")]
+    train_users_batched(ml, {"ann": user_batches(1, 4)}, lr=1e-3, pad_id=0)
+    for hook in hooks:
+        hook.remove()
+    assert seen and set(seen) == {"eager"} and own != "eager"
+    assert bf16.config._attn_implementation == own
+    assert inputs["q_proj"] is inputs["v_proj"] and inputs["q_proj"].dtype == torch.float32

@@ -12,11 +12,15 @@ from oppu.model import AdapterPool
 from oppu.retrieval import get_retriever
 from oppu.tasks import get_task
 from oppu.train import (
+    TOKENS_PER_FORWARD,
+    TOKENS_PER_FORWARD_16BIT,
     StopRequested,
     answer_end_ids,
     encode_example,
+    tokens_per_forward_for,
     train_user,
     train_users,
+    training_attention,
 )
 
 TASK = get_task("LaMP_2M")
@@ -163,3 +167,24 @@ def test_answer_only_loss_in_chunks_equals_the_full_forward_loss(tiny_model, tin
     assert loss == pytest.approx(float(reference), rel=1e-5)
     for got, want in zip([p.grad for p in params], expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_16bit_model_trains_on_a_cpu_with_eager_attention_in_larger_passes(tiny_model, tiny_users):
+    """bf16 on a CPU: the per-user loop's training forwards run eager attention (the CPU flash backward is slow
+    there) in passes of `TOKENS_PER_FORWARD_16BIT`; the model keeps its own attention outside training. A float32
+    model keeps both defaults (measured no faster)."""
+    import torch
+
+    model, tok = tiny_model
+    assert training_attention(model) is None and tokens_per_forward_for(model) == TOKENS_PER_FORWARD
+    model.to(torch.bfloat16)
+    own = model.config._attn_implementation
+    assert training_attention(model) == "eager" and tokens_per_forward_for(model) == TOKENS_PER_FORWARD_16BIT
+    seen = []
+    attention = model.get_decoder().layers[0].self_attn
+    hook = attention.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    pool = AdapterPool(model)
+    train_user(pool, tok, TASK, tiny_users[1][0], PromptStyle(), PeftConfig(), FAST)
+    hook.remove()
+    assert seen and set(seen) == {"eager"} and own != "eager"
+    assert model.config._attn_implementation == own

@@ -44,6 +44,9 @@ class Route:
     """Training with dropout: [n_active, tokens, sum of the wrapped layers' in_features] keep-mask (bool), each
     row's part drawn from its own seed (see `MultiLora.dropout_mask`), so a row's mask never depends on which
     other rows share its batch."""
+    cast: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(a layer input, its rows as the LoRA path reads them): `q_proj` and `v_proj` read the same hidden states, so
+    the second reuses the first's fp32 copy instead of making (and, in training, keeping for backward) its own."""
 
 
 class MultiLoraLinear(nn.Module):
@@ -75,6 +78,16 @@ class MultiLoraLinear(nn.Module):
         keep = route.keep[:, :flat.shape[1], self.offset:self.offset + flat.shape[-1]]
         return flat * keep.to(flat.dtype) * (1.0 / (1.0 - p))
 
+    def _lora_input(self, x: torch.Tensor, xs: torch.Tensor, route: Route) -> torch.Tensor:
+        """The routed rows `xs` of `x` in the factors' dtype, shared with the previous module that read this same
+        `x` (a compiled graph makes its own: Dynamo would have to guard on the tensor's identity)."""
+        if route.cast is not None and route.cast[0] is x and not torch.compiler.is_compiling():
+            return route.cast[1]
+        flat = xs.reshape(xs.shape[0], -1, xs.shape[-1]).to(self.lora_A.dtype)
+        if not torch.compiler.is_compiling():
+            route.cast = (x, flat)
+        return flat
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         route = self._owner.active_route
@@ -89,7 +102,7 @@ class MultiLoraLinear(nn.Module):
         # slower than in fp32 while PEFT's path was not (docs/bench-log/2026-11-26-0710-gpu-h200-bf16.md; the
         # small-N batched bf16 matmuls are the suspect, not profiled). Only the [rows, tokens, out] sum goes back
         # to the base's dtype.
-        flat = xs.reshape(xs.shape[0], -1, xs.shape[-1]).to(self.lora_A.dtype)  # [rows, tokens, in]
+        flat = self._lora_input(x, xs, route)  # [rows, tokens, in]
         if route.gathered is None or torch.is_grad_enabled():  # autograd must see the gather
             # Gather as a one-hot matmul: exact, and its backward is one small matmul, where index_select's
             # backward (zeros + scatter_add into the whole stacked tensor) cost ~10% of a training step.

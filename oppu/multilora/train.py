@@ -30,6 +30,7 @@ from oppu.train import (
     make_batches,
     right_pad,
     tokens_per_forward_for,
+    training_forward,
 )
 
 
@@ -147,7 +148,7 @@ def _step_loss(ml: MultiLora, rows: Sequence[TrainExample], row_slots: Sequence[
     if seeds is not None and ml.active_route.rows is None:  # training routes every row (no base-only rows)
         ml.active_route.keep = ml.dropout_mask(seeds, [len(r.input_ids) for r in rows], width)
     try:
-        with compiled_layers(model):
+        with compiled_layers(model), training_forward(model):
             hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     finally:
         ml.active_route = None
