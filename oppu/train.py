@@ -17,13 +17,13 @@ Progress goes through `progress(stage, step, total, loss)`; `should_stop()` is h
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from oppu.attention import is_16bit, training_forward
 from oppu.config import PeftConfig, TrainConfig
 from oppu.examples import Example, PromptStyle, trained_items, user_examples
 from oppu.generate import encode_prompt
@@ -42,8 +42,8 @@ not pay either, since `length_chunks` leaves 0-1.5% of a pass's tokens as paddin
 (docs/PERFORMANCE.md, "Padding and packing in training")."""
 TOKENS_PER_FORWARD_16BIT = 512
 """The same on a CPU for a 16-bit model, where a forward's fixed cost (streaming every weight through the core,
-~145 ms of forward and backward at 16 tokens on the 2-core AMX Xeon) is a larger share: with `eager` training
-attention (`training_attention`) 512 tokens trained 1.18x faster than 256, and 1024 1.05x (more memory traffic
+~145 ms of forward and backward at 16 tokens on the 2-core AMX Xeon) is a larger share: with the lean eager training
+attention (`oppu.attention`) 512 tokens trained 1.18x faster than 256, and 1024 1.05x (more memory traffic
 than it saves), at ~0.5 GB more peak RSS per 512 tokens (`python -m bench.training --budgets 256,512,1024`)."""
 GPU_TOKENS_PER_FORWARD_MAX = 65536
 IGNORE_INDEX = -100
@@ -62,57 +62,11 @@ def tokens_per_forward_for(model) -> int:
 
     param = next(model.parameters())
     if param.device.type != "cuda":
-        return TOKENS_PER_FORWARD_16BIT if _is_16bit(model) else TOKENS_PER_FORWARD
+        return TOKENS_PER_FORWARD_16BIT if is_16bit(model) else TOKENS_PER_FORWARD
     free, _ = torch.cuda.mem_get_info(param.device)
     cfg = model.config
     per_token = 20 * cfg.hidden_size * cfg.num_hidden_layers * param.element_size()
     return int(max(TOKENS_PER_FORWARD, min(GPU_TOKENS_PER_FORWARD_MAX, 0.25 * free / per_token)))
-
-
-def training_attention(model) -> str | None:
-    """The attention a training forward of `model` runs with, or None for the model's own (`sdpa`).
-
-    A 16-bit model on a CPU trains with `eager` attention (matmuls and a softmax): torch's CPU flash-attention
-    backward, which `sdpa` takes there, cost ~4.7 ms a layer for 2 x 128 bf16 tokens, a quarter of the whole
-    training step, and `eager` made the step 1.1-1.3x faster (1 x 256 to 4 x 128 tokens). In float32 `sdpa` was as
-    fast or faster (0.92-1.02x), and on a GPU its flash kernels are the fast path, so both keep it. Generation keeps
-    `sdpa` everywhere: its forward is not the slow part (measured on the 2-core AMX Xeon, docs/PERFORMANCE.md).
-    """
-    if next(model.parameters()).device.type == "cpu" and _is_16bit(model):
-        return "eager"
-    return None
-
-
-def _is_16bit(model) -> bool:
-    """Whether the base model computes in bf16/fp16 (its embedding's dtype: adapters may hold fp32 factors)."""
-    import torch
-
-    return model.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
-
-
-def _model_config(model):
-    """The transformers config the attention layers read (a PEFT model's is its base model's)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.config
-
-
-@contextlib.contextmanager
-def training_forward(model) -> Iterator[None]:
-    """Within the block, `model`'s forwards run with `training_attention(model)`; its own attention after it.
-
-    The backward of a forward taken inside the block runs the ops that forward recorded, so it may run outside.
-    """
-    attention = training_attention(model)
-    if attention is None:
-        yield
-        return
-    config = _model_config(model)
-    before = config._attn_implementation
-    config._attn_implementation = attention
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
 
 
 class StopRequested(Exception):

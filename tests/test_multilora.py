@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from oppu.attention import LEAN_EAGER
 from oppu.multilora import (
     IGNORE_INDEX,
     MultiLora,
@@ -552,8 +553,8 @@ def test_factors_stay_fp32_over_a_bf16_base(base, states):
 
 
 def test_bf16_training_on_a_cpu_runs_eager_attention_and_casts_each_layer_input_once(base, states):
-    """A 16-bit model on a CPU trains with eager attention (`oppu.train.training_attention`: the CPU flash
-    backward was the slow part) and is back on its own attention after; q_proj and v_proj, reading the same
+    """A 16-bit model on a CPU trains with the lean eager attention (`oppu.attention`: the CPU flash backward
+    was the slow part) and is back on its own attention after; q_proj and v_proj, reading the same
     hidden states, share one fp32 copy of them for the LoRA path instead of keeping one each for backward."""
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
     own = bf16.config._attn_implementation
@@ -573,6 +574,6 @@ def test_bf16_training_on_a_cpu_runs_eager_attention_and_casts_each_layer_input_
     train_users_batched(ml, {"ann": user_batches(1, 4)}, lr=1e-3, pad_id=0)
     for hook in hooks:
         hook.remove()
-    assert seen and set(seen) == {"eager"} and own != "eager"
+    assert seen and set(seen) == {LEAN_EAGER} and own != LEAN_EAGER
     assert bf16.config._attn_implementation == own
     assert inputs["q_proj"] is inputs["v_proj"] and inputs["q_proj"].dtype == torch.float32

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from oppu.attention import LEAN_EAGER, training_attention
 from oppu.config import PeftConfig, TrainConfig
 from oppu.examples import Example, PromptStyle, user_examples
 from oppu.model import AdapterPool
@@ -20,7 +21,6 @@ from oppu.train import (
     tokens_per_forward_for,
     train_user,
     train_users,
-    training_attention,
 )
 
 TASK = get_task("LaMP_2M")
@@ -170,7 +170,7 @@ def test_answer_only_loss_in_chunks_equals_the_full_forward_loss(tiny_model, tin
 
 
 def test_a_16bit_model_trains_on_a_cpu_with_eager_attention_in_larger_passes(tiny_model, tiny_users):
-    """bf16 on a CPU: the per-user loop's training forwards run eager attention (the CPU flash backward is slow
+    """bf16 on a CPU: the per-user loop's training forwards run the lean eager attention (the CPU flash backward is slow
     there) in passes of `TOKENS_PER_FORWARD_16BIT`; the model keeps its own attention outside training. A float32
     model keeps both defaults (measured no faster)."""
     import torch
@@ -179,12 +179,12 @@ def test_a_16bit_model_trains_on_a_cpu_with_eager_attention_in_larger_passes(tin
     assert training_attention(model) is None and tokens_per_forward_for(model) == TOKENS_PER_FORWARD
     model.to(torch.bfloat16)
     own = model.config._attn_implementation
-    assert training_attention(model) == "eager" and tokens_per_forward_for(model) == TOKENS_PER_FORWARD_16BIT
+    assert training_attention(model) == LEAN_EAGER and tokens_per_forward_for(model) == TOKENS_PER_FORWARD_16BIT
     seen = []
     attention = model.get_decoder().layers[0].self_attn
     hook = attention.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
     pool = AdapterPool(model)
     train_user(pool, tok, TASK, tiny_users[1][0], PromptStyle(), PeftConfig(), FAST)
     hook.remove()
-    assert seen and set(seen) == {"eager"} and own != "eager"
+    assert seen and set(seen) == {LEAN_EAGER} and own != LEAN_EAGER
     assert model.config._attn_implementation == own

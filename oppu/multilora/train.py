@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from oppu.attention import training_forward
 from oppu.multilora.model import MultiLora, MultiLoraError
 from oppu.train import (
     answer_cross_entropy,
@@ -30,7 +31,6 @@ from oppu.train import (
     make_batches,
     right_pad,
     tokens_per_forward_for,
-    training_forward,
 )
 
 
