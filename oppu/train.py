@@ -40,11 +40,13 @@ SmolLM2-135M in fp32). Measured peak RSS of one 8-example step (1,419 tokens): 2
 at 256, with no loss of speed on CPU (a row of 150 tokens still makes matmuls large enough). Packing rows would
 not pay either, since `length_chunks` leaves 0-1.5% of a pass's tokens as padding on the demo data
 (docs/PERFORMANCE.md, "Padding and packing in training")."""
-TOKENS_PER_FORWARD_16BIT = 512
+TOKENS_PER_FORWARD_16BIT = 384
 """The same on a CPU for a 16-bit model, where a forward's fixed cost (streaming every weight through the core,
-~145 ms of forward and backward at 16 tokens on the 2-core AMX Xeon) is a larger share: with the lean eager training
-attention (`oppu.attention`) 512 tokens trained 1.18x faster than 256, and 1024 1.05x (more memory traffic
-than it saves), at ~0.5 GB more peak RSS per 512 tokens (`python -m bench.training --budgets 256,512,1024`)."""
+~145 ms of forward and backward at 16 tokens on the 2-core AMX Xeon) is a larger share. With the lean eager
+training attention (`oppu.attention`), 8 users' training ran 1.16x faster at 384 than at 256 and 1.23x at 512
+(`python -m bench.training --users 8 --items 8 --epochs 1 --budgets 256,384,512`); but in a default 8-user run
+(plain then RAG-style training, LaMP_2M; a one-off run) 512 peaked at 2022 MiB against 1791 MiB at 384, for 4% of
+its wall time. 384 keeps a run under 2 GB."""
 GPU_TOKENS_PER_FORWARD_MAX = 65536
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt and padding), as in Hugging Face."""
