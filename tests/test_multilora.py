@@ -431,6 +431,19 @@ def test_dropout_mask_is_per_row_and_ignores_padding_width(base):
     assert MultiLora(copy.deepcopy(base), capacity=2).dropout_mask([1], [3], 3) is None
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_a_row_keep_mask_drops_at_the_rate_and_depends_on_its_seed_alone(p):
+    """Over a million elements the drop rate is p within 5 standard errors (sqrt(p(1-p)/n) <= 5e-4); the same
+    seed gives the same mask, another seed another one, and a shorter row is the longer one's start."""
+    from oppu.multilora.model import row_keep_mask
+
+    mask = row_keep_mask(7, 1000, 1000, p)
+    assert mask.dtype == torch.bool and mask.shape == (1000, 1000)
+    assert abs(1 - float(mask.float().mean()) - p) < 5 * (p * (1 - p) / 1e6) ** 0.5
+    assert torch.equal(mask, row_keep_mask(7, 1000, 1000, p)) and not torch.equal(mask, row_keep_mask(8, 1000, 1000, p))
+    assert torch.equal(row_keep_mask(7, 10, 1000, p), mask[:10])
+
+
 def test_no_gradient_reaches_another_users_slice(base, states):
     ml = multi_with(base, states, capacity=4)
     batch = examples(4, 3)

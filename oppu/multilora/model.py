@@ -234,19 +234,17 @@ class MultiLora:
     def dropout_mask(self, seeds: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor | None:
         """Keep-mask [rows, width, columns of every wrapped layer] for LoRA dropout in training, or None.
 
-        Row i's first `lengths[i]` positions come from a generator seeded with `seeds[i]` alone (the rest, right
+        Row i's first `lengths[i]` positions come from `row_keep_mask(seeds[i], ...)` alone (the rest, right
         padding, is kept: nothing reads it). A row's mask is therefore the same whatever rows share the batch,
         and a user's adapter trained among others equals the one trained alone with the same seeds. PEFT draws
         its masks from the global RNG over the whole batch, which would tie each user to its batch companions.
         """
         if self.dropout == 0:
             return None
-        device = self.scaling.device
-        keep = torch.ones(len(seeds), width, self._mask_width, dtype=torch.bool, device=device)
+        keep = torch.ones(len(seeds), width, self._mask_width, dtype=torch.bool)
         for i, (seed, length) in enumerate(zip(seeds, lengths, strict=True)):
-            gen = torch.Generator(device=device).manual_seed(int(seed))
-            keep[i, :length] = torch.rand(length, self._mask_width, generator=gen, device=device) >= self.dropout
-        return keep
+            keep[i, :length] = row_keep_mask(int(seed), length, self._mask_width, self.dropout)
+        return keep.to(self.scaling.device)
 
     def slots_of(self, adapters: Sequence[str | None]) -> list[int]:
         return [NO_ADAPTER if a is None else self.slot(a) for a in adapters]
@@ -268,6 +266,23 @@ class MultiLora:
             setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer.base)
         self.layers = {}
         return self.model
+
+
+DROP_RESOLUTION = 1 << 16
+"""A dropout mask compares 16 random bits per element against round(p * 2^16), so the drop rate is p to 1/65536
+(0.05 -> 3277/65536 = 0.050003)."""
+
+
+def row_keep_mask(seed: int, length: int, columns: int, p: float) -> torch.Tensor:
+    """Keep-mask [length, columns] (bool) of one training row, a function of `seed` alone: each element is dropped
+    with probability p (to `DROP_RESOLUTION`). 16 random bits per element from numpy's SFC64 draw 4x faster than
+    torch's float `rand` on the CPU (a default run drew ~20 s of masks with it: 3 rows x 128 tokens x 34,560
+    columns per training pass), for the same independence."""
+    import numpy as np
+
+    bits = np.frombuffer(np.random.Generator(np.random.SFC64(seed)).bytes(2 * length * columns), dtype=np.uint16)
+    keep = bits >= round(p * DROP_RESOLUTION)
+    return torch.from_numpy(keep.reshape(length, columns))
 
 
 def read_lora_folder(folder: str | Path, only: str) -> tuple[dict[str, Any], dict[str, Any]]:
