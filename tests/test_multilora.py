@@ -590,3 +590,26 @@ def test_bf16_training_on_a_cpu_runs_eager_attention_and_casts_each_layer_input_
     assert seen and set(seen) == {LEAN_EAGER} and own != LEAN_EAGER
     assert bf16.config._attn_implementation == own
     assert inputs["q_proj"] is inputs["v_proj"] and inputs["q_proj"].dtype == torch.float32
+
+
+def test_seeded_dropout_is_inverted_dropout_on_the_lora_input(base64, states64):
+    """With a route's keep-mask, a layer adds scale * ((x * keep / (1 - p)) @ A) @ B: the 1/(1-p) rescale is moved
+    onto the rank-r intermediate, which is the same product (float64: equal to rounding)."""
+    ml = MultiLora(copy.deepcopy(base64), capacity=2, dropout=0.5)
+    ml.load_state_dict("ann", states64["ann"], alpha=8, r=8)
+    layer = next(module for name, module in ml.model.named_modules() if name.endswith("layers.1.self_attn.v_proj"))
+    x = torch.randn(2, 5, layer.base.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    slot = ml.slot("ann")
+    ml.model.train()
+    ml.active_route = ml.make_route([slot, slot])
+    ml.active_route.keep = ml.dropout_mask([21, 22], [5, 4], width=5)
+    try:
+        got = layer(x)
+        keep = ml.active_route.keep[:, :, layer.offset:layer.offset + x.shape[-1]].double()
+    finally:
+        ml.active_route = None
+        ml.model.eval()
+    assert 0 < float(keep.mean()) < 1, "the mask drops some inputs and keeps others"
+    a, b, scale = layer.lora_A[slot], layer.lora_B[slot], ml.scaling[slot]
+    expected = layer.base(x) + scale * ((x * keep / 0.5) @ a) @ b
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -67,16 +67,19 @@ class MultiLoraLinear(nn.Module):
         # A plain attribute, not a submodule: the owner must not appear in this module's state dict.
         object.__setattr__(self, "_owner", owner)
 
-    def _drop(self, flat: torch.Tensor, route: Route) -> torch.Tensor:
-        """LoRA dropout on the routed rows' input: per-row seeded masks when the route has them (multi-user
-        training), the global RNG otherwise (plain `nn.Dropout`, e.g. a caller's own training loop)."""
+    def _drop(self, flat: torch.Tensor, route: Route) -> tuple[torch.Tensor, float]:
+        """LoRA dropout on the routed rows' input, as (x with the dropped elements zeroed, the factor still owed):
+        per-row seeded masks when the route has them (multi-user training), the global RNG otherwise (plain
+        `nn.Dropout`, e.g. a caller's own training loop). With a route's mask the 1/(1-p) rescale is owed: the
+        caller applies it to the rank-r intermediate (r/in of the work), and `where` keeps only a view of the bool
+        mask for backward, not an fp32 copy of it per module."""
         p = self.dropout.p
         if not self.training or p == 0:
-            return flat
+            return flat, 1.0
         if route.keep is None:
-            return self.dropout(flat)
+            return self.dropout(flat), 1.0
         keep = route.keep[:, :flat.shape[1], self.offset:self.offset + flat.shape[-1]]
-        return flat * keep.to(flat.dtype) * (1.0 / (1.0 - p))
+        return torch.where(keep, flat, 0.0), 1.0 / (1.0 - p)
 
     def _lora_input(self, x: torch.Tensor, xs: torch.Tensor, route: Route) -> torch.Tensor:
         """The routed rows `xs` of `x` in the factors' dtype, shared with the previous module that read this same
@@ -108,15 +111,19 @@ class MultiLoraLinear(nn.Module):
             # backward (zeros + scatter_add into the whole stacked tensor) cost ~10% of a training step.
             a = (route.onehot @ self.lora_A.flatten(1)).view(-1, *self.lora_A.shape[1:])
             b = (route.onehot @ self.lora_B.flatten(1)).view(-1, *self.lora_B.shape[1:])
-            # Scale the rank-r intermediate, not the [rows, tokens, out] result: r/out of the work.
-            delta = torch.bmm(torch.bmm(self._drop(flat, route), a) * route.scale, b)
+            # Scale (and rescale for dropout) the rank-r intermediate, not the [rows, tokens, out] result: r/out of
+            # the work.
+            dropped, rescale = self._drop(flat, route)
+            delta = torch.bmm(torch.bmm(dropped, a) * (route.scale * rescale), b)
         else:
             pair = route.gathered.get(id(self))
             if pair is None:
                 pair = (self.lora_A.index_select(0, route.slots),
                         self.lora_B.index_select(0, route.slots) * route.scale)
                 route.gathered[id(self)] = pair
-            delta = torch.bmm(torch.bmm(self._drop(flat, route), pair[0]), pair[1])
+            dropped, rescale = self._drop(flat, route)
+            inner = torch.bmm(dropped, pair[0])
+            delta = torch.bmm(inner if rescale == 1.0 else inner * rescale, pair[1])
         delta = delta.reshape(*xs.shape[:-1], delta.shape[-1]).to(out.dtype)
         if route.rows is None:
             return out + delta
