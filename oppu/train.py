@@ -56,8 +56,8 @@ def tokens_per_forward_for(model) -> int:
     """Padded tokens per training forward pass on the model's device (the per-user and the multi-user loop alike).
 
     CPU: `TOKENS_PER_FORWARD_16BIT` for a bf16/fp16 model, `TOKENS_PER_FORWARD` otherwise (measured). GPU: as many
-    tokens as a quarter of the free memory holds, at an estimate of 20 activations of hidden size per layer and token (SmolLM2-135M in fp32:
-    ~1.4 MB a token). A small model's step on a GPU is bound by kernel launches, so one wide pass per step beats
+    tokens as a quarter of the free memory holds, at an estimate of 20 activations of hidden size per layer and
+    token (SmolLM2-135M in fp32: ~1.4 MB a token). A small model's step on a GPU is bound by kernel launches, so one wide pass per step beats
     a dozen narrow ones (measured on an H200: docs/PERFORMANCE.md).
     """
     import torch
