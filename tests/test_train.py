@@ -82,9 +82,15 @@ def test_train_user_learns_is_seeded_and_reports_progress(tiny_model, tiny_users
     assert longer.curve[-1][1] < longer.curve[0][1]  # it fits the user's items
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", ["ia3", "prompt"])
-def test_other_peft_kinds_train(tiny_model, tiny_users, kind):
+def test_other_peft_kinds_train(tiny_model, tiny_users, kind, dtype):
+    """IA3 and prompt tuning train in both dtypes (in bf16 on a CPU through the lean eager training attention, with
+    prompt tuning's virtual tokens in front of the mask)."""
+    import torch
+
     model, tok = tiny_model
+    model.to(getattr(torch, dtype))
     pool = AdapterPool(model)
     pool.add("probe", PeftConfig(kind=kind, num_virtual_tokens=4))
     pool.delete("probe")
