@@ -19,6 +19,10 @@ import torch
 
 LEAN_EAGER = "oppu_lean_eager"
 """The name `lean_eager_attention` is registered under with transformers (attention and mask interfaces)."""
+LEAN_EAGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+"""Model types whose eager attention is exactly the maths `lean_eager_attention` re-implements (transformers 5.24:
+the same `eager_attention_forward`; sliding windows live in their masks). Others (softcapping, attention sinks)
+train with their own attention."""
 
 
 class _SoftmaxKeptInInputDtype(torch.autograd.Function):
@@ -51,7 +55,11 @@ def lean_eager_attention(module, query, key, value, attention_mask, scaling: flo
                          **kwargs):
     """Hugging Face's `eager_attention_forward` (grouped keys and values repeated, scaled scores plus the additive
     mask, softmax in fp32 back to the query's dtype, dropout, probabilities times values), keeping one 16-bit copy
-    of the probabilities for backward."""
+    of the probabilities for backward. Refuses what that maths does not cover rather than ignore it."""
+    unsupported = [name for name in ("softcap", "s_aux", "sinks") if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"lean eager attention does not implement {', '.join(unsupported)}: train this model "
+                         "with its own attention (it is not in oppu.attention.LEAN_EAGER_MODEL_TYPES)")
     from transformers.models.llama.modeling_llama import repeat_kv
 
     groups = getattr(module, "num_key_value_groups", 1)
@@ -78,7 +86,8 @@ def register() -> None:
 def training_attention(model) -> str | None:
     """The attention a training forward of `model` runs with, or None for the model's own (`sdpa`): the lean eager
     attention for a bf16/fp16 model on a CPU (see the module's docstring)."""
-    if next(model.parameters()).device.type == "cpu" and is_16bit(model):
+    if (next(model.parameters()).device.type == "cpu" and is_16bit(model)
+            and _model_config(model).model_type in LEAN_EAGER_MODEL_TYPES):
         return LEAN_EAGER
     return None
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from oppu.attention import LEAN_EAGER, lean_eager_attention, register
+from oppu.attention import LEAN_EAGER, lean_eager_attention, register, training_attention
 
 
 class _Layer(torch.nn.Module):
@@ -112,3 +113,21 @@ def test_a_llama_runs_the_registered_lean_eager_like_eager():
             logits[name] = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(logits[LEAN_EAGER], logits["eager"])
     assert not torch.equal(logits["eager"][1, 3:], logits["eager"][0, :4])  # the padding does change row 1
+
+
+def test_only_llama_style_16bit_cpu_models_train_with_it():
+    """The rule: a 16-bit model on a CPU whose eager attention is the maths re-implemented (Llama, Mistral, Qwen2);
+    a float32 model, or an architecture with softcapping (Gemma 2), keeps its own attention; softcapping passed in
+    anyway is refused, not ignored."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    llama = LlamaForCausalLM(LlamaConfig(**small))
+    assert training_attention(llama) is None
+    assert training_attention(llama.to(torch.bfloat16)) == LEAN_EAGER
+    gemma = Gemma2ForCausalLM(Gemma2Config(head_dim=8, **small)).to(torch.bfloat16)
+    assert training_attention(gemma) is None
+    q, k, v, mask = _inputs(torch.float64)
+    with pytest.raises(ValueError, match="softcap"):
+        lean_eager_attention(_Layer(), q, k, v, mask, scaling=0.1, softcap=50.0)
