@@ -1,11 +1,12 @@
-"""Training attention on this machine: `sdpa` against `eager` for one LoRA training step of the default model.
+"""Training attention on this machine: `sdpa`, Hugging Face's eager and the lean eager attention for one LoRA
+training step of the default model.
 
-What `oppu.train.training_attention` rests on. One step is the decoder's forward and backward through LoRA r=8 on
-q_proj/v_proj (multi-LoRA, two users' rows) with the loss on 8 positions per row, base weights frozen, as a
-training pass runs it. For each dtype (fp32, bf16) and shape (rows x tokens) the two attentions are timed
-alternately, each the best of `--repeats` after a warm-up; the ratio is sdpa's time over eager's (> 1: eager is
-faster). Also printed: the forward alone, and which attention the rule picks for that dtype on this device. Not part
-of `python -m bench` (no target rides on it).
+What `oppu.attention.training_attention` rests on. One step is the decoder's forward and backward through LoRA r=8
+on q_proj/v_proj (multi-LoRA, two users' rows) with the loss on 8 positions per row, base weights frozen, as a
+training pass runs it. For each dtype (fp32, bf16) and shape (rows x tokens) the attentions are timed one after
+another on the same ids, each the best of `--repeats` after a warm-up; the speed-up is sdpa's time over lean
+eager's (> 1: lean eager is faster). Also printed: the forward alone, and which attention the rule picks for that
+dtype on this device. Not part of `python -m bench` (no target rides on it).
 """
 
 from __future__ import annotations
@@ -43,15 +44,10 @@ def training_step(model, ml, ids, backward: bool = True) -> None:
 
 def timed(model, ml, attention: str, ids, repeats: int, backward: bool = True) -> float:
     """Best time of `training_step` with `attention` set on the model (its own attention back after)."""
-    from oppu.attention import register
+    from oppu.attention import attention_set
 
-    register()
-    own = model.config._attn_implementation
-    model.config._attn_implementation = attention
-    try:
+    with attention_set(model, attention):
         return best_time(lambda: training_step(model, ml, ids, backward), repeats)
-    finally:
-        model.config._attn_implementation = own
 
 
 def main(argv: list[str] | None = None) -> int:

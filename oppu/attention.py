@@ -28,8 +28,8 @@ train with their own attention."""
 class _SoftmaxKeptInInputDtype(torch.autograd.Function):
     """softmax(scores) computed in (at least) fp32 and returned in the scores' dtype, as Hugging Face's eager
     attention does; only that 16-bit result is kept for backward (which the following matmul with the values keeps
-    anyway), not the fp32 probabilities beside it. The backward is softmax's, p * (g - sum(g * p)), in fp32 from the 16-bit p:
-    the probabilities the forward's output was actually computed with."""
+    anyway), not the fp32 probabilities beside it. The backward is softmax's, p * (g - sum(g * p)), in fp32 from
+    the 16-bit p: the probabilities the forward's output was actually computed with."""
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,20 @@ def _model_config(model):
 
 
 @contextlib.contextmanager
+def attention_set(model, attention: str) -> Iterator[None]:
+    """Within the block, `model`'s attention layers run `attention` (a transformers name, or `LEAN_EAGER`); the
+    model's own attention is back after it."""
+    register()
+    config = _model_config(model)
+    before = config._attn_implementation
+    config._attn_implementation = attention
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+@contextlib.contextmanager
 def training_forward(model) -> Iterator[None]:
     """Within the block, `model`'s forwards run with `training_attention(model)`; its own attention after it.
 
@@ -113,11 +127,5 @@ def training_forward(model) -> Iterator[None]:
     if attention is None:
         yield
         return
-    register()
-    config = _model_config(model)
-    before = config._attn_implementation
-    config._attn_implementation = attention
-    try:
+    with attention_set(model, attention):
         yield
-    finally:
-        config._attn_implementation = before

@@ -234,17 +234,22 @@ class MultiLora:
     def dropout_mask(self, seeds: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor | None:
         """Keep-mask [rows, width, columns of every wrapped layer] for LoRA dropout in training, or None.
 
-        Row i's first `lengths[i]` positions come from `row_keep_mask(seeds[i], ...)` alone (the rest, right
-        padding, is kept: nothing reads it). A row's mask is therefore the same whatever rows share the batch,
+        Row i's first `lengths[i]` positions come from `seeds[i]` alone (on a CPU `row_keep_mask`, on a GPU a
+        generator of that device; the rest, right padding, is kept: nothing reads it). A row's mask is therefore the same whatever rows share the batch,
         and a user's adapter trained among others equals the one trained alone with the same seeds. PEFT draws
         its masks from the global RNG over the whole batch, which would tie each user to its batch companions.
         """
         if self.dropout == 0:
             return None
-        keep = torch.ones(len(seeds), width, self._mask_width, dtype=torch.bool)
+        device = self.scaling.device
+        keep = torch.ones(len(seeds), width, self._mask_width, dtype=torch.bool, device=device)
         for i, (seed, length) in enumerate(zip(seeds, lengths, strict=True)):
-            keep[i, :length] = row_keep_mask(int(seed), length, self._mask_width, self.dropout)
-        return keep.to(self.scaling.device)
+            if device.type == "cpu":
+                keep[i, :length] = row_keep_mask(int(seed), length, self._mask_width, self.dropout)
+            else:  # drawn where it is used: a GPU step's mask is hundreds of MB, too much to draw on the host
+                gen = torch.Generator(device=device).manual_seed(int(seed))
+                keep[i, :length] = torch.rand(length, self._mask_width, generator=gen, device=device) >= self.dropout
+        return keep
 
     def slots_of(self, adapters: Sequence[str | None]) -> list[int]:
         return [NO_ADAPTER if a is None else self.slot(a) for a in adapters]
