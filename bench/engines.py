@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="runs of each engine, order alternating")
     parser.add_argument("--fp32-baseline", action="store_true",
                         help="also run multi_lora in float32 (the default before the precision policy): target 2x")
+    parser.add_argument("--tokens-per-forward-16bit", type=int, default=None,
+                        help="padded tokens per training pass of a 16-bit model on a CPU, for both engines "
+                             "(default: oppu.train.TOKENS_PER_FORWARD_16BIT): a whole run's peak RSS at another size")
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to docs/bench-log/")
     add_device_argument(parser)
     args = parser.parse_args(argv)
@@ -81,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OPPU_MODEL_CACHE", str(MODEL_CACHE))  # read by oppu.experiment at import
 
+    import oppu.train
     from bench.common import load_default_model
     from bench.e2e import pick_users
     from oppu.config import ModelConfig, RunConfig
 
+    if args.tokens_per_forward_16bit:
+        # read by oppu.train.tokens_per_forward_for at every training loop, so the whole run in this process uses it
+        oppu.train.TOKENS_PER_FORWARD_16BIT = args.tokens_per_forward_16bit
     defaults = RunConfig()
     changes = {k: v for k, v in (("max_examples", args.items), ("epochs", args.epochs)) if v is not None}
     users = pick_users(args.task, args.users)
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"workload: {cfg.task}, {len(users)} most active demo test users, methods {', '.join(cfg.methods)}, "
          f"{cfg.user_train.max_examples} items x {cfg.user_train.epochs} epochs, batch {cfg.user_train.batch_size}, "
          f"{n_queries} answers, greedy, {bench_dtype()}, no task adaptation; each engine's time includes loading "
-         "the model, training, answering and the store"),
+         f"the model, training, answering and the store; a 16-bit model's CPU training passes hold at most "
+         f"{oppu.train.TOKENS_PER_FORWARD_16BIT} padded tokens"),
         (f"multi_lora vs per_user: {speedup:.2f}x wall, {theirs.cpu_seconds / ours.cpu_seconds:.2f}x CPU, training "
          f"{their_clock.train_s / max(our_clock.train_s, 1e-9):.2f}x, answering "
          f"{their_clock.rest_s / max(our_clock.rest_s, 1e-9):.2f}x: " + verdict(speedup, TARGET_SPEEDUP)),

@@ -45,8 +45,9 @@ TOKENS_PER_FORWARD_16BIT = 384
 ~145 ms of forward and backward at 16 tokens on the 2-core AMX Xeon) is a larger share. With the lean eager
 training attention (`oppu.attention`), 8 users' training ran 1.16x faster at 384 than at 256 and 1.23x at 512
 (`python -m bench.training --users 8 --items 8 --epochs 1 --budgets 256,384,512`); but in a default 8-user run
-(plain then RAG-style training, LaMP_2M; a one-off run) 512 peaked at 2022 MiB against 1791 MiB at 384, for 4% of
-its wall time. 384 keeps a run under 2 GB."""
+(plain then RAG-style training, LaMP_2M) 512 peaked at 2022 MiB against 1791 MiB at 384 in a one-off run, and at
+1885 MiB against 1786-1863 MiB in `python -m bench.engines --items 8 --epochs 1 --tokens-per-forward-16bit 512`
+(default 384), for 4% of its wall time. 384 keeps a run clear of 2 GB."""
 GPU_TOKENS_PER_FORWARD_MAX = 65536
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt and padding), as in Hugging Face."""
