@@ -13,6 +13,7 @@ it; generation keeps `sdpa` everywhere (its forward is not the slow part).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -25,53 +26,58 @@ the same `eager_attention_forward`; sliding windows live in their masks). Others
 train with their own attention."""
 
 
-class _SoftmaxKeptInInputDtype(torch.autograd.Function):
-    """softmax(scores) computed in (at least) fp32 and returned in the scores' dtype, as Hugging Face's eager
-    attention does; only that 16-bit result is kept for backward (which the following matmul with the values keeps
-    anyway), not the fp32 probabilities beside it. The backward is softmax's, p * (g - sum(g * p)), in fp32 from
-    the 16-bit p: the probabilities the forward's output was actually computed with."""
-
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores, dim=-1, dtype=_at_least_fp32(scores.dtype)).to(scores.dtype)
-        ctx.save_for_backward(probs)
-        return probs
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (probs,) = ctx.saved_tensors
-        wide = _at_least_fp32(probs.dtype)
-        p, g = probs.to(wide), grad.to(wide)
-        return (p * (g - (g * p).sum(-1, keepdim=True))).to(probs.dtype)
+def _softmax_in_wide_precision(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim as Hugging Face's eager attention takes it (computed in at least fp32, returned in
+    the scores' dtype). torch's CPU softmax already computes a bf16/fp16 input in fp32 and rounds once, so for a
+    16-bit input the native op is that, without the fp32 copies of the scores and probabilities on either side
+    (and its backward is one fused kernel that keeps only the 16-bit output, where the fp32 route kept both). A
+    float64 input stays float64 (the exactness tests), where Hugging Face's would round to fp32."""
+    if scores.dtype in (torch.bfloat16, torch.float16) and scores.device.type == "cpu":
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
 
 
-def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for a 16-bit model, as Hugging Face's eager softmax; a float64 model (the exactness tests) keeps
-    float64 where Hugging Face's would round to fp32."""
-    return torch.promote_types(dtype, torch.float32)
+def _power_of_two(x: float) -> bool:
+    """Whether multiplying by `x` is exact in binary floating point (barring overflow and subnormals)."""
+    return x > 0 and math.frexp(x)[0] == 0.5
 
 
 def lean_eager_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
                          **kwargs):
-    """Hugging Face's `eager_attention_forward` (grouped keys and values repeated, scaled scores plus the additive
-    mask, softmax in fp32 back to the query's dtype, dropout, probabilities times values), keeping one 16-bit copy
-    of the probabilities for backward. Refuses what that maths does not cover rather than ignore it."""
+    """Hugging Face's `eager_attention_forward` (scaled scores plus the additive mask, softmax in fp32 back to the
+    query's dtype, dropout, probabilities times values) with fewer passes over the scores and one 16-bit copy of
+    the probabilities kept for backward. Refuses what that maths does not cover rather than ignore it.
+
+    - The query heads that share a key/value head are one matrix ([groups x tokens, head_dim]) against that head,
+      instead of Hugging Face's copies of each key/value head per query head (and the sums of their gradients).
+    - A power-of-two `scaling` (head_dim 64: 1/8) scales the queries, not the scores: the same bits, and a pass
+      over [tokens, head_dim] instead of [tokens, tokens] in both directions. Another scaling scales the scores
+      in place, as Hugging Face does.
+    - The mask is added in place: no new [rows, heads, tokens, tokens] tensor.
+    """
     unsupported = [name for name in ("softcap", "s_aux", "sinks") if kwargs.get(name) is not None]
     if unsupported:
         raise ValueError(f"lean eager attention does not implement {', '.join(unsupported)}: train this model "
                          "with its own attention (it is not in oppu.attention.LEAN_EAGER_MODEL_TYPES)")
-    from transformers.models.llama.modeling_llama import repeat_kv
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    rows, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    if _power_of_two(scaling):
+        query = query * scaling
+    # Query head h reads key/value head h // groups (Hugging Face's repeat_kv order), so the heads of one group
+    # are consecutive: [rows, kv_heads, groups * q_len, head_dim].
+    grouped = query.reshape(rows, kv_heads, groups * q_len, head_dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)).view(rows, kv_heads, groups, q_len, kv_len)
+    if not _power_of_two(scaling):
+        scores.mul_(scaling)
     if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = _SoftmaxKeptInInputDtype.apply(scores)
+        # [rows or 1, 1, q_len, kv_len] -> one mask for every head of a group
+        scores.add_(attention_mask[:, :, None])
+    probs = _softmax_in_wide_precision(scores)
     if dropout and module.training:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return out, None
+    out = torch.matmul(probs.view(rows, kv_heads, groups * q_len, kv_len), value)
+    return out.view(rows, heads, q_len, head_dim).transpose(1, 2).contiguous(), None
 
 
 def register() -> None:

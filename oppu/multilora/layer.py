@@ -41,9 +41,9 @@ class Route:
     """Without autograd (generation) each layer gathers its rows' factors once per route, not once per decode
     step: layer id -> (A rows, scale * B rows)."""
     keep: torch.Tensor | None = None
-    """Training with dropout: [n_active, tokens, sum of the wrapped layers' in_features] keep-mask (bool), each
-    row's part drawn from its own seed (see `MultiLora.dropout_mask`), so a row's mask never depends on which
-    other rows share its batch."""
+    """Training with dropout: [n_active, tokens, sum of the wrapped layers' in_features] keep-mask (1/0 in uint8 on
+    a CPU, bool on a GPU), each row's part drawn from its own seed (see
+    `MultiLora.dropout_mask`), so a row's mask never depends on which other rows share its batch."""
     cast: tuple[torch.Tensor, torch.Tensor] | None = None
     """(a layer input, its rows as the LoRA path reads them): `q_proj` and `v_proj` read the same hidden states, so
     the second reuses the first's fp32 copy instead of making (and, in training, keeping for backward) its own."""
@@ -71,15 +71,16 @@ class MultiLoraLinear(nn.Module):
         """LoRA dropout on the routed rows' input, as (x with the dropped elements zeroed, the factor still owed):
         per-row seeded masks when the route has them (multi-user training), the global RNG otherwise (plain
         `nn.Dropout`, e.g. a caller's own training loop). With a route's mask the 1/(1-p) rescale is owed: the
-        caller applies it to the rank-r intermediate (r/in of the work), and `where` keeps only a view of the bool
-        mask for backward, not an fp32 copy of it per module."""
+        caller applies it to the rank-r intermediate (r/in of the work). Backward keeps a view of the route's mask,
+        not a copy of it per module."""
         p = self.dropout.p
         if not self.training or p == 0:
             return flat, 1.0
         if route.keep is None:
             return self.dropout(flat), 1.0
         keep = route.keep[:, :flat.shape[1], self.offset:self.offset + flat.shape[-1]]
-        return torch.where(keep, flat, 0.0), 1.0 / (1.0 - p)
+        dropped = torch.where(keep, flat, 0.0) if keep.dtype == torch.bool else flat * keep
+        return dropped, 1.0 / (1.0 - p)
 
     def _lora_input(self, x: torch.Tensor, xs: torch.Tensor, route: Route) -> torch.Tensor:
         """The routed rows `xs` of `x` in the factors' dtype, shared with the previous module that read this same
