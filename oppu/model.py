@@ -185,6 +185,10 @@ def load_model(cfg: ModelConfig | None = None, cache_dir: str | os.PathLike = ".
     cfg = cfg or ModelConfig()
     source, local = resolve_model_source(cfg, cache_dir)
     device = resolve_device(cfg.device)
+    if device == "cpu":
+        from oppu.allocator import keep_freed_memory
+
+        keep_freed_memory()  # before the model's tensors: a CPU step no longer re-maps its memory
     # `auto` resolved against the probe cached beside the model; the name is resolved here so `resolve_dtype`
     # stays a plain name -> torch dtype map for callers (and tests) that replace it.
     dtype = resolve_dtype(compute_dtype(cfg.dtype, device, cache_dir), device)
