@@ -613,3 +613,18 @@ def test_seeded_dropout_is_inverted_dropout_on_the_lora_input(base64, states64):
     a, b, scale = layer.lora_A[slot], layer.lora_B[slot], ml.scaling[slot]
     expected = layer.base(x) + scale * ((x * keep / 0.5) @ a) @ b
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 576), (7, 13), (1, 1)])
+def test_a_row_keep_mask_is_the_bits_that_generator_bytes_draws(shape):
+    """The raw SFC64 outputs read as 16-bit elements are the stream `Generator.bytes` hands out (as the masks
+    were drawn before), also where the element count is not a multiple of four: a run resumed across the change
+    draws the masks it would have drawn."""
+    import numpy as np
+
+    from oppu.multilora.model import DROP_RESOLUTION, row_keep_mask
+
+    length, columns = shape
+    raw = np.random.Generator(np.random.SFC64(11)).bytes(2 * length * columns)
+    expected = np.frombuffer(raw, dtype=np.uint16) >= round(0.3 * DROP_RESOLUTION)
+    assert torch.equal(row_keep_mask(11, length, columns, 0.3), torch.from_numpy(expected.reshape(shape)))
