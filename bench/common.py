@@ -79,15 +79,15 @@ def machine_info() -> dict[str, Any]:
             "load_avg": tuple(round(x, 2) for x in os.getloadavg())}
 
 
-def matmul_peak_gflops(n: int | None = None, seconds: float = 2.0) -> float:
-    """Best GFLOP/s of an n x n matmul in the bench dtype over about `seconds` on the bench
+def matmul_peak_gflops(n: int | None = None, seconds: float = 2.0, dtype=None) -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype` (default: the bench dtype) over about `seconds` on the bench
     device: the ceiling model FLOP rates are compared to (1024 on a CPU, 8192 on a GPU, large enough to fill
     either)."""
     import torch
 
     device = bench_device()
     n = n or (8192 if device == "cuda" else 1024)
-    dtype = getattr(torch, bench_dtype())
+    dtype = dtype or getattr(torch, bench_dtype())
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up: thread pool and allocator
     sync()
