@@ -133,3 +133,48 @@ def env(tmp_path, monkeypatch, tiny_data_dir):
     for name, value in folders.items():
         monkeypatch.setenv(name, str(value))
     return folders
+
+
+# -- no job worker outlives its test ---------------------------------------------------------------------------
+def _job_workers_under(folder: str) -> list[int]:
+    """Pids of live `oppu worker` processes whose job root lies under `folder` (read from /proc: Linux only)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{entry}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and "worker" in argv and "--root" in argv and argv[argv.index("--root") + 1].startswith(folder):
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_job_worker_left_behind(request, tmp_path_factory):
+    """A test that starts job workers waits for them (or cancels them): one left running keeps a core busy
+    during the tests after it (a retried job once ran the real pipeline for six minutes in the background,
+    slowing every test after it), so it is killed here and the test errors."""
+    yield
+    if not os.path.isdir("/proc"):
+        return
+    base = str(tmp_path_factory.getbasetemp())
+    import time
+
+    deadline = time.monotonic() + 10.0  # a worker writing its last state is given a moment
+    while (left := _job_workers_under(base)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        import signal
+
+        for pid in left:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"{request.node.nodeid} left {len(left)} job worker(s) running (killed): wait for them or "
+                    "cancel them before the test ends")

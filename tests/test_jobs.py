@@ -449,7 +449,9 @@ def test_submit_refuses_an_unknown_model_at_once_with_a_short_message(env, monke
 
 def test_a_failed_job_is_retried_not_resumed(env):
     root = env / "jobs"
-    job_id = jobs.submit(_cfg(env, "steps=1 sleep=0.01 fail=1"), root, start=False)
+    # the job names the fake runner: the worker that `retry` starts must not run the real pipeline (it would
+    # load the default model and keep a core busy for minutes after this test)
+    job_id = jobs.submit(_cfg(env, "steps=1 sleep=0.01 fail=1"), root, start=False, runner=FAKE)
     jobs.run_worker(root, job_id, runner=fake_runner)
     assert _state(root, job_id) == "failed"
     with pytest.raises(jobs.JobError, match="retry"):
@@ -457,3 +459,6 @@ def test_a_failed_job_is_retried_not_resumed(env):
     jobs.retry(root, job_id)
     job = jobs.get_job(root, job_id)
     assert [h["state"] for h in job["history"]][:4] == ["queued", "running", "failed", "retried"]
+    # the retried attempt runs the same (failing) job again and ends failed, on its second attempt
+    _wait(lambda: _state(root, job_id) == "failed", timeout=60)
+    assert jobs.get_job(root, job_id)["attempts"] == 2
