@@ -188,7 +188,10 @@ def test_job_users_and_code_version_are_the_runs_own(env):
     root = env / "jobs"
     most_active = _cfg(env, "steps=1", users=None).replace(users=2)
     expected = [u.id for u in select_users(load_task_data(most_active.data_dir, most_active.task), most_active)]
-    assert jobs.get_job(root, jobs.submit(most_active, root, start=False))["users"] == expected
+    queued = jobs.submit(most_active, root, start=False)
+    assert jobs.get_job(root, queued)["users"] == expected
+    # cancelled while queued: otherwise the worker run below starts it (the real pipeline) when it frees a slot
+    assert jobs.cancel(root, queued) == "cancelled"
     job_id = jobs.submit(_cfg(env, "steps=1 sleep=0", users=("bob",)), root, start=False)
     assert jobs.run_worker(root, job_id, runner=fake_runner) == 0
     assert Store(env / "r.duckdb").runs().iloc[0]["code_version"] == code_version()
