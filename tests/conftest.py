@@ -8,7 +8,10 @@ byte-level BPE tokenizer is trained here on the fixture texts and carries a Chat
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 
 import pytest
 
@@ -137,7 +140,10 @@ def env(tmp_path, monkeypatch, tiny_data_dir):
 
 # -- no job worker outlives its test ---------------------------------------------------------------------------
 def _job_workers_under(folder: str) -> list[int]:
-    """Pids of live `oppu worker` processes whose job root lies under `folder` (read from /proc: Linux only)."""
+    """Pids of live `oppu worker` processes whose job root lies under `folder` (their command lines read from
+    /proc: Linux only; liveness, zombies and this process's own children included, as the job runner judges it)."""
+    from oppu.jobs.lifecycle import pid_alive
+
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -145,11 +151,10 @@ def _job_workers_under(folder: str) -> list[int]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().decode(errors="replace").split("\0")
-            with open(f"/proc/{entry}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
             continue
-        if not zombie and "worker" in argv and "--root" in argv and argv[argv.index("--root") + 1].startswith(folder):
+        if ("worker" in argv and "--root" in argv and argv[argv.index("--root") + 1].startswith(folder)
+                and pid_alive(int(entry))):
             pids.append(int(entry))
     return pids
 
@@ -163,18 +168,13 @@ def no_job_worker_left_behind(request, tmp_path_factory):
     if not os.path.isdir("/proc"):
         return
     base = str(tmp_path_factory.getbasetemp())
-    import time
-
     deadline = time.monotonic() + 10.0  # a worker writing its last state is given a moment
     while (left := _job_workers_under(base)) and time.monotonic() < deadline:
         time.sleep(0.2)
+    for pid in left:  # a worker leads its own process group (start_new_session); either may be gone already
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError):
+                kill(pid, signal.SIGKILL)
     if left:
-        import signal
-
-        for pid in left:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                os.kill(pid, signal.SIGKILL)
         pytest.fail(f"{request.node.nodeid} left {len(left)} job worker(s) running (killed): wait for them or "
                     "cancel them before the test ends")

@@ -292,7 +292,7 @@ def examples(seed: int, n: int, length: int | None = None) -> list[TrainExample]
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        drawn = int(torch.randint(5, 14, (1,), generator=gen))
+        drawn = int(torch.randint(5, 14, (1,), generator=gen))  # drawn either way: the other draws stay the same
         size = length or drawn
         ids = torch.randint(3, VOCAB, (size,), generator=gen).tolist()
         answer = int(torch.randint(1, 4, (1,), generator=gen))

@@ -108,9 +108,9 @@ def row_seed(seed: int, step: int, index: int) -> int:
 
 COMPILE_ENV = "OPPU_COMPILE"
 """`1`: training forwards run every decoder layer through `torch.compile` (Inductor). Off by default: on the 2-core
-AMX CPU training ran 1.13-1.30x faster, but compiling took ~2 minutes with an empty Inductor cache (9-10 s once
-its on-disk cache holds the graphs), more than a default run's training saves; generation gains nothing and keeps
-the eager layers (`python -m bench.compile`, docs/PERFORMANCE.md)."""
+AMX CPU training ran 1.13-1.30x faster (on a 2-core Zen 4 EPYC 1.09x), but compiling took ~2 minutes with an empty
+Inductor cache (9-10 s once its on-disk cache holds the graphs), more than a default run's training saves;
+generation gains nothing and keeps the eager layers (`python -m bench.compile`, docs/PERFORMANCE.md)."""
 
 
 @contextlib.contextmanager
