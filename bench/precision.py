@@ -3,7 +3,10 @@
 What `--dtype bfloat16` would buy before choosing it: it depends on the CPU's native bf16 support (AMX or
 avx512_bf16: faster than fp32; an AVX2-only AMD EPYC: far slower). Three training variants: fp32; bf16 autocast over
 fp32 weights (what the official OPPU script's `TrainingArguments(bf16=True)` does); a bf16 model. Each is the
-best of `--repeats` runs, after a warm-up. Not part of `python -m bench` (no target rides on it).
+best of `--repeats` runs, after a warm-up. Also printed: the matmul peak in each dtype
+(`bench.common.matmul_peak_gflops`), whose ratio is the most bf16 can speed up a step's weight matmuls on this CPU,
+and the bound that ratio sets on a whole step (`speedup_bound`). Not part of `python -m bench` (no target rides on
+it).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def speedup_bound(matmul_share: float, matmul_speedup: float) -> float:
+    """The most a step can gain when its matmuls, `matmul_share` of its time, get `matmul_speedup` faster and the
+    rest of its work costs what it did (Amdahl's law): what bf16 alone can buy a float32 step."""
+    return 1.0 / (matmul_share / matmul_speedup + (1.0 - matmul_share))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -47,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from bench.common import matmul_peak_gflops
     from oppu.precision import BF16_MIN_SPEEDUP, probe_cpu
 
     probe = probe_cpu() if bench_device() == "cpu" else None
@@ -84,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         row["bf16 model speed-up"] = row["fp32 s"] / row["bf16 model s"]
     notes = [f"best of {args.repeats} runs after a warm-up; random token ids; the model's own weights",
              "bf16 autocast keeps fp32 weights and runs matmuls in bf16, as the official script trained"]
+    fp32_peak, bf16_peak = (matmul_peak_gflops(dtype=dt) for dt in (torch.float32, torch.bfloat16))
+    ratio = bf16_peak / fp32_peak
+    notes.append(f"matmul peak (`bench.common.matmul_peak_gflops`): fp32 {fp32_peak:.0f} GFLOP/s, bf16 "
+                 f"{bf16_peak:.0f} GFLOP/s, {ratio:.2f}x: with the rest of a step as slow as in fp32, a step whose "
+                 f"matmuls are 60 / 70 / 80% of its fp32 time gains at most "
+                 + " / ".join(f"{speedup_bound(m, ratio):.2f}x" for m in (0.6, 0.7, 0.8)) + " in bf16")
     if probe is not None:
         notes.append(f"oppu.precision's probe (what dtype=auto decides by): bf16 {probe.speedup:.2f}x fp32 on its "
                      f"one-thread MLP block, {BF16_MIN_SPEEDUP:g}x needed -> auto = {probe.dtype}")

@@ -203,7 +203,32 @@ def load_model(cfg: ModelConfig | None = None, cache_dir: str | os.PathLike = ".
     model.to(device)
     model.eval()
     model.config.use_cache = True
+    contiguous_head_input(model)
     return model, tokenizer
+
+
+def _contiguous_first_argument(module, args):
+    x = args[0] if args else None
+    if x is None or not hasattr(x, "is_contiguous") or x.is_contiguous():
+        return None
+    return (x.contiguous(), *args[1:])
+
+
+def contiguous_head_input(model) -> None:
+    """Hand the output projection a contiguous input (idempotent).
+
+    Why: a prefill asks for the last position's logits only (`logits_to_keep=1`), so the projection gets
+    `hidden[:, -1:]`, a strided [rows, 1, hidden] view. For such an input and a weight that does not require grad,
+    torch's `matmul` takes its batched path: it expands the transposed weight to [rows, hidden, vocab] and copies
+    it, one copy of the whole vocabulary matrix per row (16 rows of SmolLM2: ~900 MiB written, ~220,000 page
+    faults). Measured on the 2-core Zen 4 EPYC, 16 rows: 816 ms in bf16 and 75 ms in fp32, against 6.4 and 19 ms
+    for the same product on a contiguous copy of the input, whose cost is one [rows, hidden] copy. Every prefill
+    of generation and serving took that hit; training's loss positions are gathered (already contiguous).
+    """
+    head = model.get_output_embeddings()
+    if head is None or _contiguous_first_argument in head._forward_pre_hooks.values():
+        return
+    head.register_forward_pre_hook(_contiguous_first_argument)
 
 
 def model_key(cfg: ModelConfig) -> str:

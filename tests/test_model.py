@@ -39,6 +39,45 @@ def test_load_model_from_folder_is_eval_fp32_with_pad(tiny_model):
     assert tok.pad_token_id is not None
 
 
+def _per_row_weight_ops(model, input_ids, **kwargs) -> tuple[list[str], object]:
+    """The operators of a forward that take the vocabulary matrix expanded to one copy per row
+    ([rows, hidden, vocab]: torch's batched matmul path, which in bf16 also writes those copies), and its logits."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab, hidden = model.get_output_embeddings().weight.shape
+    expanded = [input_ids.shape[0], hidden, vocab]
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        logits = model(input_ids=input_ids, **kwargs).logits
+    return [e.name for e in prof.events() if expanded in (e.input_shapes or [])], logits
+
+
+def test_a_last_position_prefill_does_not_copy_the_vocabulary_matrix(tiny_model):
+    """`logits_to_keep=1` hands the output projection a strided [rows, 1, hidden] view, for which torch's matmul
+    expands the frozen weight to one copy per row (`oppu.model.contiguous_head_input`). The loaded model's
+    projection must take the plain matrix product instead, with the same logits as without the hook."""
+    import torch
+
+    model, _ = tiny_model
+    for p in model.parameters():
+        p.requires_grad_(False)  # a frozen base, as every run has: the slow path needs a weight without grad
+    ids = torch.randint(5, model.config.vocab_size, (6, 9), generator=torch.Generator().manual_seed(0))
+    per_row, logits = _per_row_weight_ops(model, ids, logits_to_keep=1)
+    assert per_row == []
+    head = model.get_output_embeddings()
+    hooks = dict(head._forward_pre_hooks)
+    head._forward_pre_hooks.clear()
+    try:
+        plain_per_row, plain_logits = _per_row_weight_ops(model, ids, logits_to_keep=1)
+    finally:
+        head._forward_pre_hooks.update(hooks)
+    assert "aten::bmm" in plain_per_row, "torch no longer expands the weight without the hook: it may be dropped"
+    # mm and bmm sum the 32-term dot products in different orders: a few fp32 roundings apart.
+    assert torch.allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(logits[:, -1], model(input_ids=ids).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_end_ids_come_from_the_chat_template(tiny_model):
     model, tok = tiny_model
     assert chat_end_token(tok) == "<|im_end|>"

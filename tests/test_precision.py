@@ -326,3 +326,15 @@ def test_prepare_caches_the_verdict_beside_the_model(probed, monkeypatch, capsys
     assert main(["prepare", "--cache", str(cache), "--no-demo-base"]) == 0 and calls == [5.0]  # cached: not measured again
     assert main(["prepare", "--cache", str(cache), "--force", "--no-demo-base"]) == 0 and calls == [5.0, 0.5]
     assert precision.auto_dtype("cpu", cache) == "float32"
+
+
+def test_the_bf16_bound_lies_between_no_gain_and_the_matmul_gain():
+    """`bench.precision.speedup_bound` (Amdahl's law) is what docs/PERFORMANCE.md bounds the bf16 gain by: all
+    matmul gives the matmul's speed-up, no matmul gives none, and more matmul never gives less."""
+    from bench.precision import speedup_bound
+
+    assert speedup_bound(1.0, 2.2) == pytest.approx(2.2)
+    assert speedup_bound(0.0, 2.2) == pytest.approx(1.0)
+    bounds = [speedup_bound(share / 10, 2.2) for share in range(11)]
+    assert bounds == sorted(bounds) and 1.0 <= min(bounds) and max(bounds) <= 2.2 + 1e-12
+    assert speedup_bound(0.5, 3.0) == pytest.approx(1.5)  # half the time at a third: 0.5/3 + 0.5 = 2/3
