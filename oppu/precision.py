@@ -35,7 +35,7 @@ BF16_MIN_SPEEDUP = 1.5
 gains less than the block (its element-wise layers and the fp32 LoRA path gain little), so the bar sits well
 above 1x, and well below what CPUs with native bf16 measure, so that a probe run beside other work cannot flip
 the verdict: on the AMX Xeon the block measured 8-12x and a default 8-user run 1.81x; on a Zen 4 EPYC with
-`avx512_bf16` (no AMX) the block 2.08-2.20x (five probes) and the same run 1.44x (`bench.engines
+`avx512_bf16` (no AMX) the block 2.06-2.20x (seven probes) and the same run 1.76x (`bench.engines
 --fp32-baseline`); an AVX2-only EPYC runs bf16 matmuls far slower than fp32."""
 PROBE_SHAPE = (256, 576, 1536)
 """(tokens, hidden, intermediate) of the probe's MLP block: a 256-token training pass of SmolLM2-135M."""
