@@ -41,6 +41,9 @@ def load_base(name: str | None = None, dtype: str = "float32"):
     else:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    # A prefill's last-position slice is a strided view; for it and a frozen weight torch's matmul would copy the
+    # vocabulary matrix per row (OPPU's own loader does the same: oppu.model.contiguous_head_input).
+    model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
     return model.eval(), tokenizer
 
 
