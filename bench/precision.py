@@ -23,6 +23,7 @@ from bench.common import (
     bench_device,
     load_default_model,
     markdown_table,
+    matmul_peak_gflops,
 )
 
 
@@ -56,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench.common import matmul_peak_gflops
     from oppu.precision import BF16_MIN_SPEEDUP, probe_cpu
 
     probe = probe_cpu() if bench_device() == "cpu" else None

@@ -208,10 +208,7 @@ def load_model(cfg: ModelConfig | None = None, cache_dir: str | os.PathLike = ".
 
 
 def _contiguous_first_argument(module, args):
-    x = args[0] if args else None
-    if x is None or not hasattr(x, "is_contiguous") or x.is_contiguous():
-        return None
-    return (x.contiguous(), *args[1:])
+    return None if args[0].is_contiguous() else (args[0].contiguous(), *args[1:])
 
 
 def contiguous_head_input(model) -> None:
