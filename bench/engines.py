@@ -11,9 +11,9 @@ split, and how many answers the two engines share (they need not be identical: d
 differ).
 
 `--fp32-baseline` adds a third run: the multi-LoRA engine in float32, what `dtype="auto"` gave on every CPU before
-the precision policy (`oppu.precision`) chose bf16 where the CPU computes it natively. Target: the default run
-(`auto`) >= 2x that one in wall time. The rest of the code is today's in both, so the ratio credits the precision
-policy alone.
+the precision policy (`oppu.precision`) chose bf16 where the CPU computes it natively. The rest of the code is
+today's in both, so the ratio is what the precision policy alone gives (no target of its own: the default run's
+2x is measured against the older code itself, by `bench.versus`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from bench.common import (
 )
 
 TARGET_SPEEDUP = 1.3
-TARGET_DEFAULT_SPEEDUP = 2.0
 ENGINES = ("multi_lora", "per_user")
 FP32 = "multi_lora, float32"
 
@@ -139,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         resolved = compute_dtype_name(cfg.model, MODEL_CACHE)
         default_speedup = best[FP32].seconds / ours.seconds
         notes.append(f"default run ({bench_dtype()}, computing in {resolved}) vs the same run in float32: "
-                     f"{default_speedup:.2f}x wall, {best[FP32].cpu_seconds / ours.cpu_seconds:.2f}x CPU: "
-                     + verdict(default_speedup, TARGET_DEFAULT_SPEEDUP))
+                     f"{default_speedup:.2f}x wall, {best[FP32].cpu_seconds / ours.cpu_seconds:.2f}x CPU (the "
+                     "precision policy's share; the default run's target is bench.versus's)")
     append_report(f"Engines: multi_lora vs per_user on one {len(users)}-user run", markdown_table(rows), notes,
                   write=not args.no_report)
     return 0
