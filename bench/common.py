@@ -166,18 +166,24 @@ def phase(name: str) -> Iterator[Phase]:
               f"peak RSS {result.peak_mib or 0:.0f} MiB", flush=True)
 
 
-def run_rounds(paths: dict[str, Any], rounds: int) -> tuple[dict[str, Phase], dict[str, Any]]:
-    """Run every path `rounds` times, reversing the order each round (so no path always runs first, cold);
-    returns the fastest Phase of each path and each path's last result."""
-    best: dict[str, Phase] = {}
-    results: dict[str, Any] = {}
-    names = list(paths)
+def alternating(names: Sequence[Any], rounds: int) -> Iterator[tuple[int, Any]]:
+    """(round, name) for every name in every round, the order reversed each round, so that no path always runs
+    first (cold)."""
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            with phase(f"{name} (round {r + 1})") as p:
-                results[name] = paths[name]()
-            if name not in best or p.seconds < best[name].seconds:
-                best[name] = p
+            yield r, name
+
+
+def run_rounds(paths: dict[str, Any], rounds: int) -> tuple[dict[str, Phase], dict[str, Any]]:
+    """Run every path `rounds` times in `alternating` order; returns the fastest Phase of each path and each
+    path's last result."""
+    best: dict[str, Phase] = {}
+    results: dict[str, Any] = {}
+    for r, name in alternating(list(paths), rounds):
+        with phase(f"{name} (round {r + 1})") as p:
+            results[name] = paths[name]()
+        if name not in best or p.seconds < best[name].seconds:
+            best[name] = p
     return best, results
 
 

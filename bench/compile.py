@@ -27,6 +27,7 @@ import tempfile
 
 from bench.common import (
     add_device_argument,
+    alternating,
     append_report,
     apply_device_argument,
     bench_dtype,
@@ -182,14 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             with phase(f"{variant} {name}, first compiled run") as first:
                 fn()
             compiled = []
-            for r in range(args.rounds):
-                for use in ((False, True) if r % 2 == 0 else (True, False)):
-                    swap.use(use, name)
-                    with phase(f"{variant if use else 'eager'} {name} (round {r + 1})") as p:
-                        result = fn()
-                    (compiled if use else eager[name]).append(p)
-                    if name == "generation":
-                        answers[use] = result
+            for r, use in alternating((False, True), args.rounds):
+                swap.use(use, name)
+                with phase(f"{variant if use else 'eager'} {name} (round {r + 1})") as p:
+                    result = fn()
+                (compiled if use else eager[name]).append(p)
+                if name == "generation":
+                    answers[use] = result
             swap.use(False, name)
             best_eager = min(eager[name], key=lambda p: p.seconds)
             best = min(compiled, key=lambda p: p.seconds)

@@ -20,6 +20,7 @@ and each version's metric table (the protocol changed between the two, so their 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import MODEL_CACHE, ROOT, append_report, markdown_table, verdict
+from bench.common import MODEL_CACHE, ROOT, alternating, append_report, markdown_table, verdict
 
 BASELINE_REF = "20fccf4"
 """main on 2026-11-26, when the CPU-speed targets were set: float32 on every CPU, per-user training passes of
@@ -69,11 +70,8 @@ def checkout(ref: str, dest: Path) -> Path:
         raise SystemExit(f"git archive {ref} failed: {archive.stderr.decode().strip()} "
                          "(bench.versus needs a clone with the repository's history; pass --ref to choose another)")
     dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile() as tar_file:
-        tar_file.write(archive.stdout)
-        tar_file.seek(0)
-        with tarfile.open(fileobj=tar_file) as tar:
-            tar.extractall(dest, filter="data")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
     return dest
 
 
@@ -106,18 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="oppu-bench-versus-") as tmp:
         trees = {f"{args.ref} (then)": checkout(args.ref, Path(tmp) / "then"), "working tree (now)": ROOT}
         names = list(trees)
-        for r in range(args.rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                workdir = Path(tmp) / f"run-{len(names) * r + names.index(name)}"
-                print(f"  {name}, round {r + 1}: {' '.join(run_command(args, workdir)[1:])}", flush=True)
-                run = timed_child(run_command(args, workdir), trees[name], {**env, "PYTHONPATH": str(trees[name])})
-                if run.returncode != 0:
-                    print(run.output[-4000:])
-                    raise SystemExit(f"{name} exited with {run.returncode}")
-                print(f"    {run.seconds:.1f} s wall, {run.cpu_seconds:.1f} s CPU, peak RSS {run.peak_mib:.0f} MiB",
-                      flush=True)
-                if name not in best or run.seconds < best[name].seconds:
-                    best[name] = run
+        for i, (r, name) in enumerate(alternating(names, args.rounds)):
+            command = run_command(args, Path(tmp) / f"run-{i}")
+            print(f"  {name}, round {r + 1}: {' '.join(command[1:])}", flush=True)
+            run = timed_child(command, trees[name], {**env, "PYTHONPATH": str(trees[name])})
+            if run.returncode != 0:
+                print(run.output[-4000:])
+                raise SystemExit(f"{name} exited with {run.returncode}")
+            print(f"    {run.seconds:.1f} s wall, {run.cpu_seconds:.1f} s CPU, peak RSS {run.peak_mib:.0f} MiB",
+                  flush=True)
+            if name not in best or run.seconds < best[name].seconds:
+                best[name] = run
     then, now = (best[n] for n in names)
     rows = [{"version": name, "wall s": run.seconds, "CPU s": run.cpu_seconds, "peak RSS MiB": run.peak_mib,
              "speed-up (wall)": then.seconds / run.seconds, "speed-up (CPU)": then.cpu_seconds / run.cpu_seconds}

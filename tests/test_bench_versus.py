@@ -48,3 +48,10 @@ def test_the_quoted_table_is_the_last_one_printed():
     output = "metric noise\nearlier\nrun X done\nmetric  accuracy\nmethod\nnone      0.5000\n"
     assert metric_table(output) == "metric  accuracy\nmethod\nnone      0.5000"
     assert "no metric table" in metric_table("Traceback: boom")
+
+
+def test_rounds_alternate_so_no_path_always_runs_first():
+    from bench.common import alternating
+
+    assert list(alternating(["then", "now"], 3)) == [(0, "then"), (0, "now"), (1, "now"), (1, "then"),
+                                                     (2, "then"), (2, "now")]
